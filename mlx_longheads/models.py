@@ -1,0 +1,100 @@
+"""LongHeads attention inside mlx-lm's llama (and mistral), qwen2 and qwen3 models.
+
+The attention module of every layer is replaced by one that keeps the original
+projections, norms and RoPE (so quantized weights and parameter names are unchanged)
+and attends with `longheads_attention` over a `LongHeadsCache`.
+"""
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .cache import LongHeadsCache
+from .config import ConfigError, LongHeadsConfig
+from .longheads import longheads_attention
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+class LongHeadsAttention(nn.Module):
+    def __init__(self, attention: nn.Module, config: LongHeadsConfig):
+        super().__init__()
+        self.n_heads = attention.n_heads
+        self.n_kv_heads = attention.n_kv_heads
+        self.scale = attention.scale
+        self.q_proj = attention.q_proj
+        self.k_proj = attention.k_proj
+        self.v_proj = attention.v_proj
+        self.o_proj = attention.o_proj
+        if "q_norm" in attention:
+            self.q_norm = attention.q_norm
+            self.k_norm = attention.k_norm
+        self.rope = attention.rope
+        self.config = config
+
+    def __call__(
+        self, x: mx.array, mask: Any = None, cache: Optional[LongHeadsCache] = None
+    ) -> mx.array:
+        B, T, _ = x.shape
+        queries = self.q_proj(x).reshape(B, T, self.n_heads, -1)
+        keys = self.k_proj(x).reshape(B, T, self.n_kv_heads, -1)
+        values = self.v_proj(x).reshape(B, T, self.n_kv_heads, -1)
+        if "q_norm" in self:
+            queries, keys = self.q_norm(queries), self.k_norm(keys)
+        if cache is None:
+            cache = LongHeadsCache(self.config.chunk_size)
+        out = longheads_attention(
+            queries.transpose(0, 2, 1, 3),
+            keys.transpose(0, 2, 1, 3),
+            values.transpose(0, 2, 1, 3),
+            cache,
+            self.rope,
+            self.scale,
+            self.config,
+        )
+        return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse what LongHeads cannot handle correctly, naming the rule."""
+    args = model.args
+    if args.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"model type {args.model_type!r} is not supported by LongHeads: "
+            f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    scaling = getattr(args, "rope_scaling", None) or {}
+    rope_type = scaling.get("type") or scaling.get("rope_type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(
+            f"rope scaling {rope_type!r} is not supported by LongHeads "
+            f"(positions must not depend on sequence length): use one of "
+            f"{', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if any(t != "full_attention" for t in getattr(args, "layer_types", None) or []):
+        raise ConfigError(
+            "models with sliding-window layers are not supported by LongHeads"
+        )
+
+
+def apply_longheads(
+    model: nn.Module,
+    config: Optional[LongHeadsConfig] = None,
+    max_size: Optional[int] = None,
+) -> LongHeadsConfig:
+    """Swap every layer's attention for LongHeads in place; return the resolved config.
+
+    max_size: tokens each layer's cache allocates at once (for example the maximum
+    context), so long runs never reallocate.
+    """
+    check_supported(model)
+    config = (config or LongHeadsConfig()).resolve(model.args.max_position_embeddings)
+    for layer in model.layers:
+        layer.self_attn = LongHeadsAttention(layer.self_attn, config)
+    # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
+    model.make_cache = lambda: [
+        LongHeadsCache(config.chunk_size, max_size) for _ in model.layers
+    ]
+    return config

@@ -1,0 +1,95 @@
+"""The chunked KV cache: what it stores, how it grows, saving and loading."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+
+from conftest import tiny_model
+from mlx_longheads.cache import LongHeadsCache
+from mlx_longheads.config import LongHeadsConfig
+from mlx_longheads.models import apply_longheads
+
+CONFIG = LongHeadsConfig(chunk_size=8, attention_length=64)
+
+
+def longheads_model(arch="llama", max_size=None):
+    model = tiny_model(arch)
+    apply_longheads(model, CONFIG, max_size=max_size)
+    return model
+
+
+def prompt(n, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(0, 97, size=n))
+
+
+def fill(model, n):
+    cache = model.make_cache()
+    model(prompt(n)[None], cache=cache)
+    mx.eval([c.state for c in cache])
+    return cache
+
+
+def test_memory_is_keys_values_representations_and_one_chunk_of_queries():
+    n = 203
+    cache = fill(longheads_model(max_size=n), n)[0]
+    B, Hk, H, D, w = 1, 2, 4, 16, 8
+    capacity = 208  # n rounded up to whole chunks
+    kv = 2 * B * Hk * capacity * D * 4
+    representations = B * H * (capacity // w) * D * 4
+    queries = B * H * w * D * 4
+    assert cache.nbytes == kv + representations + queries
+    assert cache.complete_chunks == 25 and cache.offset == n
+
+
+def test_buffers_grow_by_steps_not_per_token():
+    model = longheads_model()
+    cache = model.make_cache()
+    capacities = set()
+    for token in prompt(300):
+        model(token[None, None], cache=cache)
+        capacities.add(cache[0].keys.shape[2])
+    assert capacities == {2048}
+    cache[0].append(*(mx.zeros((1, h, 2000, 16)) for h in (4, 2, 2)))
+    assert cache[0].keys.shape[2] == 4096  # grew by at least 2048 tokens at once
+
+
+def test_saved_prompt_cache_continues_generation_identically(tmp_path):
+    model = longheads_model("qwen3")
+    text = prompt(150)
+    cache = model.make_cache()
+    # Prefill in steps that end mid-chunk, then save.
+    for start in range(0, 150, 37):
+        model(text[None, start : start + 37], cache=cache)
+    mx.eval([c.state for c in cache])
+    path = str(tmp_path / "prompt.safetensors")
+    save_prompt_cache(path, cache)
+    loaded = load_prompt_cache(path)
+    assert all(isinstance(c, LongHeadsCache) for c in loaded)
+    assert [c.offset for c in loaded] == [150, 150]
+
+    def continue_from(c):
+        return [t for t, _ in generate_step(prompt(3, seed=9), model, max_tokens=40, prompt_cache=c)]
+
+    assert continue_from(loaded) == continue_from(cache)
+
+
+def test_kv_bits_is_refused_not_ignored():
+    model = longheads_model()
+    steps = generate_step(prompt(20), model, max_tokens=5, kv_bits=8, quantized_kv_start=0)
+    with pytest.raises(ValueError, match="kv_bits is not supported with LongHeads"):
+        next(steps)
+
+
+def test_representations_count_equals_complete_chunks():
+    model = longheads_model()
+    cache = model.make_cache()
+    for size in (5, 3, 8, 17, 1, 30):
+        model(prompt(size)[None], cache=cache)
+        c = cache[0]
+        n = c.complete_chunks
+        assert n == c.offset // 8
+        reps = np.array(c.representations)
+        assert np.all(np.abs(reps[:, :, :n]).sum(axis=-1) > 0)
+        assert np.all(reps[:, :, n:] == 0)

@@ -1,0 +1,171 @@
+"""The attention rule against a naive numpy implementation of the design note."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from mlx import nn
+
+from mlx_longheads.cache import LongHeadsCache
+from mlx_longheads.config import LongHeadsConfig
+from mlx_longheads.longheads import (
+    chunk_representations,
+    longheads_attention,
+    select_chunks,
+)
+
+import reference
+
+BASE = 10000.0
+H, HK, D = 4, 2, 16
+SCALE = D**-0.5
+
+
+def random_qkv(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    q = rng.normal(size=(H, n, D)).astype(np.float32) * 2
+    k = rng.normal(size=(HK, n, D)).astype(np.float32) * 2
+    v = rng.normal(size=(HK, n, D)).astype(np.float32)
+    return q, k, v
+
+
+def run(q, k, v, config, steps):
+    """longheads_attention over the tokens in calls of the given sizes."""
+    cache = LongHeadsCache(config.chunk_size)
+    rope = nn.RoPE(D, base=BASE)
+    outputs, start = [], 0
+    for size in steps:
+        sl = slice(start, start + size)
+        outputs.append(
+            longheads_attention(
+                mx.array(q[None, :, sl]),
+                mx.array(k[None, :, sl]),
+                mx.array(v[None, :, sl]),
+                cache,
+                rope,
+                SCALE,
+                config,
+            )
+        )
+        start += size
+    return np.array(mx.concatenate(outputs, axis=2)[0]), cache
+
+
+def test_chunk_representations_match_the_formula():
+    w, n = 8, 3
+    q, k, v = random_qkv(w * n)
+    reps = chunk_representations(
+        mx.array(q[None]), mx.array(k[None]), mx.array(v[None]), nn.RoPE(D, base=BASE), SCALE, w
+    )
+    for h in range(H):
+        for c in range(n):
+            chunk = slice(c * w, (c + 1) * w)
+            expected = reference.representation(
+                q[h, chunk], k[h // 2, chunk], v[h // 2, chunk], SCALE, BASE
+            )
+            np.testing.assert_allclose(np.array(reps[0, h, c]), expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("selection", ["query_head", "kv_head"])
+@pytest.mark.parametrize("n", [95, 96, 97, 120])
+def test_exact_mode_matches_the_rule_token_by_token(selection, n):
+    """Prefill (one call) and decode (one token per call) both equal the numpy rule."""
+    config = LongHeadsConfig(8, 32, selection=selection, prefill="exact")
+    q, k, v = random_qkv(n, seed=n)
+    expected = reference.longheads(q, k, v, 8, 32, SCALE, BASE, per_kv_head=selection == "kv_head")
+    prefill, _ = run(q, k, v, config, [n])
+    decode, _ = run(q, k, v, config, [1] * n)
+    np.testing.assert_allclose(prefill, expected, atol=2e-5)
+    np.testing.assert_allclose(decode, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("selection", ["query_head", "kv_head"])
+def test_grouped_mode_shares_one_selection_per_chunk_and_call(selection):
+    """Calls of 20 tokens over chunks of 8: a group is a chunk's queries within one call."""
+    w, n, step = 8, 100, 20
+    config = LongHeadsConfig(w, 32, selection=selection, prefill="grouped")
+    q, k, v = random_qkv(n, seed=3)
+    t = np.arange(n)
+    group_of = (t // step) * 1000 + t // w
+    expected = reference.longheads(
+        q, k, v, w, 32, SCALE, BASE, group_of=group_of, per_kv_head=selection == "kv_head"
+    )
+    out, _ = run(q, k, v, config, [step] * (n // step))
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+def test_grouped_and_exact_agree_where_groups_have_one_query():
+    config = LongHeadsConfig(8, 32)
+    q, k, v = random_qkv(70, seed=5)
+    grouped, _ = run(q, k, v, config, [1] * 70)
+    exact, _ = run(q, k, v, LongHeadsConfig(8, 32, prefill="exact"), [70])
+    np.testing.assert_allclose(grouped, exact, atol=2e-5)
+
+
+def test_below_attention_length_it_is_ordinary_causal_attention():
+    q, k, v = random_qkv(40, seed=7)
+    out, _ = run(q, k, v, LongHeadsConfig(8, 64), [13, 27])
+    rope = nn.RoPE(D, base=BASE)
+    qr, kr = rope(mx.array(q[None])), rope(mx.array(k[None]))
+    expected = mx.fast.scaled_dot_product_attention(
+        qr, kr, mx.array(v[None]), scale=SCALE, mask="causal"
+    )
+    np.testing.assert_allclose(out, np.array(expected[0]), atol=2e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    w=st.sampled_from([2, 4, 8]),
+    k=st.integers(4, 9),
+    extra=st.integers(0, 60),
+    per_kv_head=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_selection_invariants(w, k, extra, per_kv_head, seed):
+    """First and previous chunk always in, sorted, distinct, nothing from the future."""
+    complete = k + extra  # chunks before the query's own one (own >= k)
+    rng = np.random.default_rng(seed)
+    own = mx.array(rng.integers(k, complete + 1, size=5))
+    query_sums = mx.array(rng.normal(size=(1, H, 5, D)).astype(np.float32))
+    reps = mx.array(rng.normal(size=(1, H, complete, D)).astype(np.float32))
+    slots = np.array(select_chunks(query_sums, reps, own, k, HK if per_kv_head else None))
+    assert slots.shape == (1, HK if per_kv_head else H, 5, k)
+    for g, own_chunk in enumerate(np.array(own)):
+        for s in slots[0, :, g]:
+            assert s[0] == 0 and s[-2] == own_chunk - 1 and s[-1] == own_chunk
+            assert np.all(np.diff(s) > 0), s
+            assert s[1:-2].min() >= 1 and s[1:-2].max() <= own_chunk - 2
+
+
+class RecordingRoPE(nn.RoPE):
+    """The model's RoPE, noting the largest position it is asked to give."""
+
+    largest = -1
+
+    def __call__(self, x, offset=0):
+        last = mx.max(mx.array(offset)).item() + x.shape[-2] - 1
+        self.largest = max(self.largest, last)
+        return super().__call__(x, offset)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    w=st.sampled_from([2, 4, 8]),
+    k=st.integers(4, 6),
+    n=st.integers(1, 90),
+    step=st.integers(1, 40),
+    prefill=st.sampled_from(["exact", "grouped"]),
+)
+def test_no_position_reaches_attention_length(w, k, n, step, prefill):
+    L = w * k
+    q, k_, v = random_qkv(n, seed=n)
+    config = LongHeadsConfig(w, L, prefill=prefill)
+    cache, rope = LongHeadsCache(w), RecordingRoPE(D, base=BASE)
+    for start in range(0, n, step):
+        sl = slice(start, min(start + step, n))
+        out = longheads_attention(
+            *(mx.array(a[None, :, sl]) for a in (q, k_, v)), cache, rope, SCALE, config
+        )
+        assert not np.isnan(np.array(out)).any()
+    assert rope.largest == min(n, L) - 1
+    assert cache.complete_chunks == n // w

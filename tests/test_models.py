@@ -1,0 +1,122 @@
+"""LongHeads inside mlx-lm's llama, qwen2 and qwen3 models."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.models import gpt2
+
+from conftest import clone, tiny_model
+from mlx_longheads.cache import LongHeadsCache
+from mlx_longheads.config import ConfigError, LongHeadsConfig
+from mlx_longheads.models import apply_longheads
+
+CONFIG = LongHeadsConfig(chunk_size=8, attention_length=64)
+
+
+def longheads_copy(model, config=CONFIG):
+    copy = clone(model)
+    apply_longheads(copy, config)
+    return copy
+
+
+def tokens(n, seed=0):
+    return mx.array(np.random.default_rng(seed).integers(0, 97, size=(1, n)))
+
+
+def test_below_attention_length_logits_equal_stock_attention(arch):
+    stock = tiny_model(arch)
+    x = tokens(64)
+    np.testing.assert_allclose(
+        np.array(longheads_copy(stock)(x)), np.array(stock(x)), atol=1e-4
+    )
+
+
+def test_below_attention_length_generate_step_equals_stock(arch):
+    stock = tiny_model(arch)
+    prompt = tokens(30)[0]
+    runs = [
+        list(generate_step(prompt, model, max_tokens=30, prefill_step_size=7))
+        for model in (stock, longheads_copy(stock))
+    ]
+    assert [t for t, _ in runs[0]] == [t for t, _ in runs[1]]
+    for (_, a), (_, b) in zip(*runs):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
+
+
+@pytest.mark.parametrize("n", [63, 64, 65, 95, 96, 97, 130])
+@pytest.mark.parametrize("selection", ["query_head", "kv_head"])
+def test_exact_prefill_logits_equal_token_by_token_decode(arch, n, selection):
+    config = LongHeadsConfig(8, 64, selection=selection, prefill="exact")
+    model = longheads_copy(tiny_model(arch), config)
+    x = tokens(n, seed=n)
+    prefill = model(x)
+    cache = model.make_cache()
+    decode = mx.concatenate([model(x[:, i : i + 1], cache=cache) for i in range(n)], axis=1)
+    np.testing.assert_allclose(np.array(prefill), np.array(decode), atol=1e-4)
+
+
+def test_past_attention_length_it_differs_from_stock():
+    """Not a test of quality: it shows the long-context path is really taken."""
+    stock = tiny_model("llama")
+    x = tokens(200)
+    diff = mx.abs(longheads_copy(stock)(x) - stock(x))
+    assert diff[:, :64].max().item() < 1e-4
+    assert diff[:, 64:].max().item() > 1e-2
+
+
+def test_quantized_weights_keep_working():
+    stock = tiny_model("llama")
+    nn.quantize(stock, group_size=32, bits=4)
+    model = type(stock)(stock.args)
+    nn.quantize(model, group_size=32, bits=4)
+    model.update(stock.parameters())
+    apply_longheads(model, CONFIG)
+    assert isinstance(model.layers[0].self_attn.q_proj, nn.QuantizedLinear)
+    x = tokens(40)
+    np.testing.assert_allclose(np.array(model(x)), np.array(stock(x)), atol=1e-4)
+
+
+def test_other_architectures_are_refused():
+    args = gpt2.ModelArgs(
+        model_type="gpt2", n_ctx=64, n_embd=32, n_head=2, n_layer=1, n_positions=64,
+        layer_norm_epsilon=1e-5, vocab_size=50,
+    )
+    with pytest.raises(ConfigError, match="model type 'gpt2' is not supported"):
+        apply_longheads(gpt2.Model(args), CONFIG)
+
+
+def test_dynamic_ntk_rope_is_refused():
+    model = tiny_model("llama", rope_scaling={"type": "dynamic", "factor": 2.0})
+    with pytest.raises(ConfigError, match="rope scaling 'dynamic' is not supported"):
+        apply_longheads(model, CONFIG)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (LongHeadsConfig(8, 512), "exceeds the model's trained length 256"),
+        (LongHeadsConfig(24, 64), "must be a multiple of chunk_size"),
+        (LongHeadsConfig(32, 96), "at least 4 are needed"),
+        (LongHeadsConfig(8, 64, selection="head"), "selection must be"),
+        (LongHeadsConfig(8, 64, prefill="fast"), "prefill must be"),
+    ],
+)
+def test_invalid_configurations_fail_at_load_time(config, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_longheads(tiny_model("llama"), config)
+
+
+def test_defaults_come_from_the_trained_length():
+    config = apply_longheads(tiny_model("llama"))
+    assert config.attention_length == 128  # half of max_position_embeddings 256
+    assert config.chunk_size == 32  # 256 capped so that at least 4 chunks fit
+    big = LongHeadsConfig().resolve(8192)
+    assert (big.chunk_size, big.attention_length) == (256, 4096)
+
+
+def test_make_cache_gives_longheads_caches():
+    model = longheads_copy(tiny_model("qwen3"))
+    caches = model.make_cache()
+    assert len(caches) == 2 and all(isinstance(c, LongHeadsCache) for c in caches)
