@@ -146,18 +146,23 @@ def selective_attention(
     """LongHeads attention for queries [B, H, T, D] at positions start.. (all >= L)."""
     B, H, T, D = queries.shape
     w = config.chunk_size
+    skip = start % w  # the first chunk's tokens before this call
     if config.prefill == "exact":
         positions = mx.arange(start, start + T)
         groups = queries[:, :, :, None]
         own, first_offset = positions // w, positions % w
+    elif start // w == (start + T - 1) // w:
+        # All queries in one chunk (decode, or a short call): one group of T.
+        groups = queries[:, :, None]
+        own = mx.array([start // w])
+        first_offset = mx.array([start % w])
     else:
         # One group per chunk touched, padded to whole chunks with zero queries (which
-        # add nothing to the group's score) and trimmed again below.
-        first_chunk, lead = divmod(start, w)
-        G = (start + T - 1) // w - first_chunk + 1
-        padded = mx.pad(queries, [(0, 0), (0, 0), (lead, G * w - T - lead), (0, 0)])
+        # add nothing to a group's score); their outputs are dropped below.
+        G = (start + T - 1) // w - start // w + 1
+        padded = mx.pad(queries, [(0, 0), (0, 0), (skip, G * w - T - skip), (0, 0)])
         groups = padded.reshape(B, H, G, w, D)
-        own = mx.arange(first_chunk, first_chunk + G)
+        own = mx.arange(start // w, start // w + G)
         first_offset = mx.zeros((G,), mx.int32)
     G, g = groups.shape[2], groups.shape[3]
     n_heads = H if config.selection == "query_head" else cache.keys.shape[1]
@@ -176,9 +181,9 @@ def selective_attention(
         for i in range(0, G, block)
     ]
     out = mx.concatenate(outputs, axis=2).reshape(B, H, G * g, -1)
-    if config.prefill == "exact":
+    if G * g == T:
         return out
-    return out[:, :, start % w : start % w + T]
+    return out[:, :, skip : skip + T]
 
 
 def full_attention(
