@@ -1,0 +1,32 @@
+"""Convert a GGUF file (llama, mistral, qwen2, qwen3) to an MLX folder.
+
+(Not named gguf.py: a script shadows the packages named like it.)
+
+python convert/gguf_to_mlx.py --gguf-path FILE.gguf --mlx-path DIR [--dtype float16]
+"""
+
+import argparse
+import sys
+
+from mlx_longheads.gguf import convert_gguf
+from mlx_longheads.support import ModelError
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Convert a GGUF file to MLX format.")
+    parser.add_argument("--gguf-path", required=True, help="the .gguf file")
+    parser.add_argument("--mlx-path", default="mlx_model", help="output folder (must not exist)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        help="unquantized weights (default: as stored; decoded K-quants float16)",
+    )
+    args = parser.parse_args()
+    try:
+        convert_gguf(**vars(args))
+    except ModelError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
