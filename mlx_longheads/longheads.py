@@ -6,14 +6,23 @@ For a query at absolute position t, own = t // w, o = t % w, k = L / w:
     q_t . rep_c) + [own - 1], attends to their w * (k - 1) keys followed by its own
     chunk's tokens up to t, and all of them get contiguous positions 0 .. (k-1)*w + o.
 No head ever sees more than L keys or a distance of L or more. The score uses the query
-after projection (and q_norm) but before RoPE. Keys are stored before RoPE and rotated
-at their window position when gathered.
+after projection (and q_norm) but before RoPE.
 
-Shapes: B batch, H query heads, Hk KV heads, D head dim, w chunk size, G query groups
-(queries that share one selection), g queries per group.
+Both cases are one computation: a head's window is k chunk slots, the chunk in slot r
+sits at window positions r*w .. r*w + w-1, and the query at window position P sees the
+keys at positions <= P. Below L the slots are chunks 0..k-1 and the query's slot is its
+own chunk, so it sees exactly tokens 0..t at their true positions.
+
+Positions without re-rotating keys: RoPE is relative, R(q, P) . R(k, r*w + j) =
+R(q, P - r*w) . R(k, j). The cache stores every key rotated by its offset j inside its
+chunk (the k~ the chunk representation needs too), and the query is rotated once per
+slot, by P - r*w. Rotating k queries costs far less than rotating k*w keys per query.
+
+Shapes: B batch, H query heads, Hk KV heads, Hs heads that select (H or Hk), D head dim,
+w chunk size, G query groups (queries that share one selection), g queries per group.
 """
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import mlx.core as mx
 
@@ -22,9 +31,19 @@ from .config import LongHeadsConfig
 
 RoPE = Callable[..., mx.array]  # rope(x, offset=int | mx.array): the model's own RoPE
 
-# Upper bound on the gathered keys and values of one attention call (bytes); queries
-# are processed in blocks of groups that fit it, so prefill memory stays flat.
-GATHER_BUDGET = 256 * 2**20
+# Upper bound on the working arrays of one attention call (bytes); groups of queries
+# are processed in blocks that fit it, so prefill memory stays flat.
+BLOCK_BUDGET = 256 * 2**20
+
+
+def rotate_in_chunks(x: mx.array, start: int, rope: RoPE, w: int) -> mx.array:
+    """R(x_i, i mod w) for tokens at positions start.. ([B, h, T, D])."""
+    B, h, T, D = x.shape
+    skip = start % w
+    n = -(-(skip + T) // w)
+    padded = mx.pad(x, [(0, 0), (0, 0), (skip, n * w - T - skip), (0, 0)])
+    rotated = rope(padded.reshape(B, h * n, w, D))
+    return rotated.reshape(B, h, n * w, D)[:, :, skip : skip + T]
 
 
 def chunk_representations(
@@ -32,7 +51,8 @@ def chunk_representations(
 ) -> mx.array:
     """rep_c of n complete chunks: an attention-pooled key per chunk and query head.
 
-    queries [B, H, n*w, D], keys and values [B, Hk, n*w, D] -> [B, H, n, D].
+    queries [B, H, n*w, D] before RoPE, keys [B, Hk, n*w, D] already rotated in their
+    chunks (k~), values [B, Hk, n*w, D] -> [B, H, n, D].
       q~_i = R(q_i, i mod w), k~_i = R(k_i, i mod w)
       A_i = sum_j softmax_j(q~_i . k~_j * scale) v_j    (bidirectional inside the chunk)
       qc = mean_i A_i
@@ -46,8 +66,7 @@ def chunk_representations(
         x = x.reshape(B, h, n, w, d).transpose(0, 2, 1, 3, 4)
         return x.reshape(B * n, h, w, d)
 
-    q = rope(per_chunk(queries))
-    k = rope(per_chunk(keys))
+    q, k = rope(per_chunk(queries)), per_chunk(keys)
     attended = mx.fast.scaled_dot_product_attention(
         q, k, per_chunk(values), scale=scale
     )
@@ -66,10 +85,11 @@ def select_chunks(
     """The k chunk indices each head of each group attends to, in order.
 
     query_sums [B, H, G, D]: the group's raw queries summed (a sum of scores is the
-    score of the summed query), in float32 where float16 could overflow. representations [B, H, C, D] of the C complete chunks.
-    own [G]: the group's own chunk, with own >= k. n_kv_heads: select once per KV head,
-    summing the scores of its query heads. Returns uint32 [B, Hs, G, k]:
-    [0, top_(k-3) of 1..own-2 sorted, own-1, own].
+    score of the summed query), in float32 where float16 could overflow.
+    representations [B, H, C, D] of the C complete chunks. own [G]: the group's own
+    chunk, with own >= k. n_kv_heads: select once per KV head, summing the scores of
+    its query heads. Returns uint32 [B, Hs, G, k]: [0, top_(k-3) of 1..own-2 sorted,
+    own-1, own].
     """
     reps = representations.astype(query_sums.dtype)
     scores = query_sums @ reps.swapaxes(-1, -2)  # [B, H, G, C]
@@ -86,117 +106,95 @@ def select_chunks(
     return mx.concatenate([first, top, ends.astype(mx.uint32)], axis=-1)
 
 
-def gather_chunks(chunked: mx.array, slots: mx.array) -> mx.array:
-    """Keys or values of the selected chunks, concatenated in slot order.
+def gather_chunks(buffer: mx.array, slots: mx.array, w: int) -> mx.array:
+    """Keys or values of the chunks in slots, in slot order.
 
-    chunked [B, Hk, n_chunks, w, D] (a contiguous cache buffer), slots [B, Hs, G, k]
-    with Hs = Hk or H -> [B, Hs, G, k*w, D].
+    buffer [B, Hk, capacity, D] (a contiguous cache buffer), slots [B, Hs, G, k] with
+    Hs = Hk or H -> [B, Hs, G, k*w, D]. One row gather over whole chunks: `mx.take` of
+    contiguous rows is far faster than an element-wise take_along_axis.
     """
-    B, Hk, _, w, D = chunked.shape
+    B, Hk, capacity, D = buffer.shape
     _, Hs, G, k = slots.shape
-    index = slots.reshape(B, Hk, Hs // Hk, G * k)[..., None, None]
-    gathered = mx.take_along_axis(chunked[:, :, None], index, axis=3)
-    return gathered.reshape(B, Hs, G, k * w, D)
+    n_chunks = capacity // w
+    rows = buffer.reshape(B * Hk * n_chunks, w * D)
+    kv_head = mx.arange(Hs) // (Hs // Hk)
+    first_row = (mx.arange(B)[:, None] * Hk + kv_head[None]) * n_chunks  # [B, Hs]
+    index = slots + first_row[:, :, None, None].astype(mx.uint32)
+    return mx.take(rows, index.reshape(-1), axis=0).reshape(B, Hs, G, k * w, D)
+
+
+def window_slots(
+    queries: mx.array,
+    own: List[int],
+    cache: LongHeadsCache,
+    config: LongHeadsConfig,
+) -> mx.array:
+    """The chunk in each window slot, [B, Hs, G, k]: chunks 0..k-1 while own < k."""
+    B, H, G = queries.shape[:3]
+    k = config.num_chunks
+    n_kv_heads = cache.keys.shape[1]
+    n_selecting = H if config.selection == "query_head" else n_kv_heads
+    first_chunks = mx.broadcast_to(mx.arange(k, dtype=mx.uint32), (B, n_selecting, G, k))
+    if max(own) < k:
+        return first_chunks
+    query_sums = queries.astype(mx.float32).sum(axis=3)
+    representations = cache.representations[:, :, : cache.complete_chunks]
+    selected = select_chunks(
+        query_sums,
+        representations,
+        mx.array([max(c, k) for c in own]),
+        k,
+        n_kv_heads if config.selection == "kv_head" else None,
+    )
+    if min(own) >= k:
+        return selected
+    return mx.where((mx.array(own) >= k)[:, None], selected, first_chunks)
 
 
 def attend_groups(
     queries: mx.array,
-    own: mx.array,
-    first_offset: mx.array,
+    own: List[int],
+    first_offset: List[int],
     cache: LongHeadsCache,
     rope: RoPE,
     scale: float,
     config: LongHeadsConfig,
 ) -> mx.array:
-    """Selective attention for G groups of g consecutive queries in chunks own >= k.
+    """Attention for G groups of g consecutive queries, each group sharing its window.
 
     queries [B, H, G, g, D] before RoPE; group i's queries sit at in-chunk offsets
-    first_offset[i] + 0..g-1 of chunk own[i]. Returns [B, H, G, g, D].
+    first_offset[i] + 0..g-1 of chunk own[i]. Returns [B, H, G, g, Dv].
     """
     B, H, G, g, D = queries.shape
     w, k = config.chunk_size, config.num_chunks
-    n_kv_heads = cache.keys.shape[1]
-    per_kv_head = n_kv_heads if config.selection == "kv_head" else None
-    representations = cache.representations[:, :, : cache.complete_chunks]
-    query_sums = queries.astype(mx.float32).sum(axis=3)
-    slots = select_chunks(query_sums, representations, own, k, per_kv_head)
+    slots = window_slots(queries, own, cache, config)
+    # Slots past the cache's end hold chunks 0..k-1 that do not exist yet; they are
+    # masked below, so any valid index serves.
+    slots = mx.minimum(slots, cache.keys.shape[2] // w - 1)
+    Hs = slots.shape[1]
+    keys = gather_chunks(cache.keys, slots, w).reshape(B, Hs, G, k, w, D)
+    values = gather_chunks(cache.values, slots, w)  # [B, Hs, G, k*w, Dv]
 
-    def fold(x: mx.array) -> mx.array:  # [B, h, G, n, d] -> [B*G, h, n, d]
-        return x.swapaxes(1, 2).reshape(B * G, x.shape[1], x.shape[3], x.shape[4])
+    first_position = mx.array([min(c, k - 1) * w + o for c, o in zip(own, first_offset)])
+    # Query rotated for slot r by P - r*w (>= 0 for every slot it may see).
+    offsets = mx.maximum(first_position[:, None] - mx.arange(k) * w, 0)  # [G, k]
+    q = mx.broadcast_to(queries[:, :, :, None], (B, H, G, k, g, D))
+    q = q.transpose(0, 2, 3, 1, 4, 5).reshape(B * G * k, H, g, D)
+    q = rope(q, offset=mx.tile(offsets.reshape(-1), B)).reshape(B, G, k, H, g, D)
+    R = H // Hs  # query heads sharing one window
+    q = q.reshape(B, G, k, Hs, R, g, D).transpose(0, 3, 1, 2, 4, 5, 6)
+    q = q.reshape(B, Hs, G, k, R * g, D)
 
-    keys = rope(fold(gather_chunks(cache.chunked(cache.keys), slots)))
-    values = fold(gather_chunks(cache.chunked(cache.values), slots))
-    query_start = (k - 1) * w + first_offset  # [G]: window position of each group's first query
-    q = rope(fold(queries), offset=mx.tile(query_start, B))
-    query_positions = query_start[:, None] + mx.arange(g)  # [G, g]
-    mask = mx.arange(k * w) <= query_positions[..., None]  # [G, g, k*w]
-    mask = mx.tile(mask[:, None], (B, 1, 1, 1))
-    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=scale, mask=mask)
-    return out.reshape(B, G, H, g, -1).swapaxes(1, 2)
-
-
-def selective_attention(
-    queries: mx.array,
-    start: int,
-    cache: LongHeadsCache,
-    rope: RoPE,
-    scale: float,
-    config: LongHeadsConfig,
-) -> mx.array:
-    """LongHeads attention for queries [B, H, T, D] at positions start.. (all >= L)."""
-    B, H, T, D = queries.shape
-    w = config.chunk_size
-    skip = start % w  # the first chunk's tokens before this call
-    if config.prefill == "exact":
-        positions = mx.arange(start, start + T)
-        groups = queries[:, :, :, None]
-        own, first_offset = positions // w, positions % w
-    elif start // w == (start + T - 1) // w:
-        # All queries in one chunk (decode, or a short call): one group of T.
-        groups = queries[:, :, None]
-        own = mx.array([start // w])
-        first_offset = mx.array([start % w])
-    else:
-        # One group per chunk touched, padded to whole chunks with zero queries (which
-        # add nothing to a group's score); their outputs are dropped below.
-        G = (start + T - 1) // w - start // w + 1
-        padded = mx.pad(queries, [(0, 0), (0, 0), (skip, G * w - T - skip), (0, 0)])
-        groups = padded.reshape(B, H, G, w, D)
-        own = mx.arange(start // w, start // w + G)
-        first_offset = mx.zeros((G,), mx.int32)
-    G, g = groups.shape[2], groups.shape[3]
-    n_heads = H if config.selection == "query_head" else cache.keys.shape[1]
-    bytes_per_group = 2 * n_heads * config.attention_length * D * queries.itemsize
-    block = max(1, GATHER_BUDGET // bytes_per_group)
-    outputs = [
-        attend_groups(
-            groups[:, :, i : i + block],
-            own[i : i + block],
-            first_offset[i : i + block],
-            cache,
-            rope,
-            scale,
-            config,
-        )
-        for i in range(0, G, block)
-    ]
-    out = mx.concatenate(outputs, axis=2).reshape(B, H, G * g, -1)
-    if G * g == T:
-        return out
-    return out[:, :, skip : skip + T]
-
-
-def full_attention(
-    queries: mx.array, start: int, cache: LongHeadsCache, rope: RoPE, scale: float
-) -> mx.array:
-    """Ordinary causal attention for queries at positions start.. whose context fits in L."""
-    end = start + queries.shape[2]
-    keys = rope(cache.keys[:, :, :end])
-    q = rope(queries, offset=start)
-    mask = "causal" if queries.shape[2] > 1 else None
-    return mx.fast.scaled_dot_product_attention(
-        q, keys, cache.values[:, :, :end], scale=scale, mask=mask
-    )
+    scores = (q * scale) @ keys.swapaxes(-1, -2)  # [B, Hs, G, k, R*g, w]
+    scores = scores.swapaxes(3, 4).reshape(B, Hs, G, R * g, k * w)
+    query_positions = first_position[:, None] + mx.arange(g)  # [G, g]
+    visible = mx.arange(k * w) <= query_positions[..., None]  # [G, g, k*w]
+    visible = mx.broadcast_to(visible[:, None], (G, R, g, k * w)).reshape(G, R * g, k * w)
+    scores = mx.where(visible, scores, -mx.inf)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = weights.astype(values.dtype) @ values  # [B, Hs, G, R*g, Dv]
+    out = out.reshape(B, Hs, G, R, g, -1).swapaxes(2, 3)
+    return out.reshape(B, H, G, g, -1)
 
 
 def longheads_attention(
@@ -213,21 +211,47 @@ def longheads_attention(
     queries [B, H, T, D], keys and values [B, Hk, T, D], all before RoPE.
     Returns [B, H, T, Dv].
     """
+    B, H, T, D = queries.shape
+    w = config.chunk_size
     start = cache.offset
-    completed = cache.append(queries, keys, values)
+    completed = cache.append(queries, rotate_in_chunks(keys, start, rope, w), values)
     if completed is not None:
-        cache.add_representations(
-            chunk_representations(*completed, rope, scale, config.chunk_size)
+        cache.add_representations(chunk_representations(*completed, rope, scale, w))
+
+    skip = start % w  # the first chunk's tokens before this call
+    if config.prefill == "exact":
+        groups = queries[:, :, :, None]
+        own = [t // w for t in range(start, start + T)]
+        first_offset = [t % w for t in range(start, start + T)]
+    elif skip + T <= w:
+        # All queries in one chunk (decode, or a short call): one group of T.
+        groups = queries[:, :, None]
+        own, first_offset = [start // w], [skip]
+    else:
+        # One group per chunk touched, padded to whole chunks with zero queries (which
+        # add nothing to a group's score); their outputs are dropped below.
+        G = -(-(skip + T) // w)
+        padded = mx.pad(queries, [(0, 0), (0, 0), (skip, G * w - T - skip), (0, 0)])
+        groups = padded.reshape(B, H, G, w, D)
+        own = list(range(start // w, start // w + G))
+        first_offset = [0] * G
+    G, g = groups.shape[2], groups.shape[3]
+
+    # Working arrays per group: gathered keys and values, rotated queries, scores.
+    k = config.num_chunks
+    per_group = H * k * (2 * w * D + g * D + 2 * g * w) * queries.itemsize
+    block = max(1, BLOCK_BUDGET // per_group)
+    outputs = [
+        attend_groups(
+            groups[:, :, i : i + block],
+            own[i : i + block],
+            first_offset[i : i + block],
+            cache,
+            rope,
+            scale,
+            config,
         )
-    T = queries.shape[2]
-    n_full = min(max(config.attention_length - start, 0), T)
-    outputs = []
-    if n_full:
-        outputs.append(full_attention(queries[:, :, :n_full], start, cache, rope, scale))
-    if n_full < T:
-        outputs.append(
-            selective_attention(
-                queries[:, :, n_full:], start + n_full, cache, rope, scale, config
-            )
-        )
-    return outputs[0] if len(outputs) == 1 else mx.concatenate(outputs, axis=2)
+        for i in range(0, G, block)
+    ]
+    out = mx.concatenate(outputs, axis=2).reshape(B, H, G * g, -1)
+    return out if G * g == T else out[:, :, skip : skip + T]
