@@ -18,8 +18,9 @@ def atomic_folder(target: Path) -> Iterator[Path]:
     failure, Ctrl-C included, it is deleted, so a half-written folder never loads.
     """
     target = Path(target)
+    exists = f"{target} already exists: delete it or choose another output path"
     if target.exists():
-        raise ModelError(f"{target} already exists: delete it or choose another output path")
+        raise ModelError(exists)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -29,6 +30,6 @@ def atomic_folder(target: Path) -> Iterator[Path]:
         except OSError as e:  # another process finished the same folder first
             if not target.exists():
                 raise
-            raise ModelError(f"{target} already exists: delete it or choose another output path") from e
+            raise ModelError(exists) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)

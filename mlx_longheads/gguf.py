@@ -8,6 +8,7 @@ tensors. llama.cpp's converter interleaves the query and key rows of llama model
 its rope; they are put back, so the folder holds an ordinary mlx-lm model.
 """
 
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
@@ -24,7 +25,8 @@ from .support import ModelError, require_architecture
 
 GROUP_SIZE = 32  # the block length of Q8_0, Q4_0 and Q4_1
 REPACKED = {GGML.Q8_0: 8, GGML.Q4_0: 4, GGML.Q4_1: 4}  # GGML type -> MLX bits
-PERMUTED = ("llama", "mistral")  # architectures whose Q/K rows llama.cpp interleaves
+# llama.cpp writes Mistral models as llama, and interleaves the Q/K rows of llama only.
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 # GGUF tensor names -> mlx-lm names, per layer (blk.N.) and for the whole model.
 LAYER_NAMES = {
@@ -71,7 +73,9 @@ def mlx_name(gguf_name: str) -> str:
             "GGUF files with rope_freqs (Llama 3.1-style rope scaling) are not supported: "
             "convert the original Hugging Face model instead"
         )
-    raise ModelError(f"unexpected GGUF tensor {gguf_name}: convert the original Hugging Face model instead")
+    raise ModelError(
+        f"unexpected GGUF tensor {gguf_name}: convert the original Hugging Face model instead"
+    )
 
 
 def _float32(value: float) -> float:
@@ -82,7 +86,7 @@ def _float32(value: float) -> float:
 def gguf_config(meta: Dict[str, Any], tensors: Dict[str, ReaderTensor]) -> Dict[str, Any]:
     """The config.json of the model, from the metadata llama.cpp wrote."""
     arch = meta.get("general.architecture")
-    require_architecture(arch, "GGUF file")
+    require_architecture(arch, "GGUF file", ARCHITECTURES)
 
     def get(key: str, default: Any = None) -> Any:
         value = meta.get(f"{arch}.{key}", default)
@@ -92,6 +96,8 @@ def gguf_config(meta: Dict[str, Any], tensors: Dict[str, ReaderTensor]) -> Dict[
             raise ModelError(f"per-layer {arch}.{key} is not supported")
         return value
 
+    if "token_embd.weight" not in tensors:
+        raise ModelError("the GGUF file has no token_embd.weight: it is not a whole model")
     hidden, heads = get("embedding_length"), get("attention.head_count")
     head_dim = get("attention.key_length", hidden // heads)
     if get("rope.dimension_count", head_dim) != head_dim:
@@ -113,16 +119,19 @@ def gguf_config(meta: Dict[str, Any], tensors: Dict[str, ReaderTensor]) -> Dict[
     }
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": _float32(get("rope.scaling.factor"))}
+        factor = _float32(get("rope.scaling.factor"))
+        config["rope_scaling"] = {"type": "linear", "factor": factor}
     elif scaling != "none":
         raise ModelError(
-            f"GGUF rope scaling {scaling!r} is not supported: convert the original Hugging Face model"
+            f"GGUF rope scaling {scaling!r} is not supported: "
+            "convert the original Hugging Face model instead"
         )
-    eos = [meta[f"tokenizer.ggml.{k}_token_id"] for k in ("eos", "eot") if f"tokenizer.ggml.{k}_token_id" in meta]
     if "tokenizer.ggml.bos_token_id" in meta:
         config["bos_token_id"] = meta["tokenizer.ggml.bos_token_id"]
-    if eos:
-        config["eos_token_id"] = eos[0] if len(set(eos)) == 1 else eos
+    # Generation stops at end of sequence and, in chat models, at end of turn.
+    stops = {meta.get(f"tokenizer.ggml.{role}_token_id") for role in ("eos", "eot")} - {None}
+    if stops:
+        config["eos_token_id"] = stops.pop() if len(stops) == 1 else sorted(stops)
     return config
 
 
@@ -142,7 +151,10 @@ def repack(blocks: np.ndarray, qtype: GGML) -> Tuple[np.ndarray, np.ndarray, np.
         nibbles = blocks[..., 4:] if qtype == GGML.Q4_1 else blocks[..., 2:]
         q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=-1)  # values 0-15, then 16-31
         q = q[..., 0::2] | (q[..., 1::2] << 4)  # MLX: the first of two values in the low bits
-        bias = blocks[..., 2:4].copy().view(np.float16) if qtype == GGML.Q4_1 else d * np.float16(-8)
+        if qtype == GGML.Q4_1:
+            bias = blocks[..., 2:4].copy().view(np.float16)
+        else:
+            bias = d * np.float16(-8)
     return q.reshape(rows, -1).view(np.uint32), d[..., 0], bias[..., 0]
 
 
@@ -152,7 +164,8 @@ def _arrays(tensor: ReaderTensor, name: str, dtype: Optional[mx.Dtype]) -> Dict[
     if qtype in REPACKED:
         layer = name.rpartition(".")[0]
         parts = repack(np.asarray(tensor.data), qtype)
-        return {f"{layer}.{part}": mx.array(a) for part, a in zip(("weight", "scales", "biases"), parts)}
+        keys = (f"{layer}.weight", f"{layer}.scales", f"{layer}.biases")
+        return {key: mx.array(a) for key, a in zip(keys, parts)}
     if qtype in (GGML.F32, GGML.F16):
         array = mx.array(np.asarray(tensor.data))
     else:
@@ -160,8 +173,9 @@ def _arrays(tensor: ReaderTensor, name: str, dtype: Optional[mx.Dtype]) -> Dict[
             values = dequantize(tensor.data, qtype)
         except NotImplementedError as e:
             raise ModelError(
-                f"GGUF tensor {tensor.name} has type {qtype.name}, which cannot be decoded: use a file "
-                "quantized to F16, Q8_0, Q4_0, Q4_1 or a K-quant, or the original Hugging Face model"
+                f"GGUF tensor {tensor.name} has type {qtype.name}, which cannot be decoded: "
+                "use a file quantized to F16, Q8_0, Q4_0, Q4_1 or a K-quant, "
+                "or the original Hugging Face model"
             ) from e
         array = mx.array(values).astype(mx.bfloat16 if qtype == GGML.BF16 else mx.float16)
     return {name: array if dtype is None else array.astype(dtype)}
@@ -184,7 +198,7 @@ def gguf_weights(
     for gguf_name, tensor in tensors.items():
         for name, array in _arrays(tensor, mlx_name(gguf_name), dtype).items():
             projection = name.split(".")[-2]
-            if config["model_type"] in PERMUTED and projection in heads:
+            if config["model_type"] == "llama" and projection in heads:
                 array = _unpermute(array, heads[projection])
             weights[name] = array
     return weights
@@ -199,7 +213,7 @@ def quantization(tensors: Dict[str, ReaderTensor]) -> Optional[Dict[str, Any]]:
     }
     if not bits:
         return None
-    common = max(set(bits.values()), key=list(bits.values()).count)
+    common = Counter(bits.values()).most_common(1)[0][0]
     config = {"group_size": GROUP_SIZE, "bits": common, "mode": "affine"}
     for layer, b in bits.items():
         if b != common:
@@ -212,8 +226,8 @@ def convert_gguf(
 ) -> Path:
     """Write the MLX folder of a GGUF file; return its path.
 
-    dtype: float16, bfloat16 or float32 for the unquantized weights (default: F32 and
-    F16 tensors as they are, decoded ones float16).
+    dtype: float16, bfloat16 or float32 for the unquantized weights (default: F32, F16
+    and BF16 tensors as they are, decoded ones float16).
     """
     gguf_path, mlx_path = Path(gguf_path), Path(mlx_path)
     meta, tensors = read_gguf(gguf_path)
@@ -231,5 +245,7 @@ def convert_gguf(
         try:
             load_model(out, lazy=True, strict=True)
         except ValueError as e:
-            raise ModelError(f"{gguf_path}: the weights do not fit mlx-lm's {config['model_type']} model: {e}") from e
+            raise ModelError(
+                f"{gguf_path}: the weights do not fit mlx-lm's {config['model_type']}: {e}"
+            ) from e
     return mlx_path

@@ -75,7 +75,9 @@ def model_folder(spec: str) -> Path:
         raise ModelError(f"{spec} is a file, not a model folder")
     config = path / "config.json"
     if not config.is_file():
-        raise ModelError(f"{spec} has no config.json: pass an MLX or Hugging Face model folder or a .gguf file")
+        raise ModelError(
+            f"{spec} has no config.json: pass an MLX or Hugging Face model folder or a .gguf file"
+        )
     with open(config) as f:
         require_architecture(json.load(f).get("model_type"), spec)
     return path

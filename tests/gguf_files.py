@@ -31,7 +31,7 @@ CHATML = (
     " + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}"
     "{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
-ARCHS = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}
+ARCHS = {name: gguf.MODEL_ARCH[name.upper()] for name in ("llama", "qwen2", "qwen3")}
 # Types the gguf package cannot quantize, written as random blocks; where each block
 # keeps its float16 scales, in bytes (set to 1e-3 to keep the weights small).
 RANDOM_BLOCKS = {GGML.Q4_K: (0, 2), GGML.Q6_K: (208,), GGML.Q8_1: (0, 2)}
@@ -67,7 +67,7 @@ def byte_level_vocab(vocab_size: int = 300) -> Vocab:
     return Vocab(tokens, types, merges=[" ".join(m) for m in model["merges"]])
 
 
-def add_tokenizer(writer: GGUFWriter, vocab: Vocab, pre: str = "smollm", chat_template: str = CHATML) -> None:
+def add_tokenizer(writer: GGUFWriter, vocab: Vocab, pre: str, chat_template: str = CHATML) -> None:
     if vocab.merges is not None:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
@@ -106,12 +106,14 @@ def write_gguf(
     pre: str = "smollm",
     metadata: Optional[Dict[str, object]] = None,
     extra: Optional[Dict[str, np.ndarray]] = None,
+    without: tuple = (),
 ) -> Dict[str, np.ndarray]:
     """Write an mlx-lm model as a GGUF file; return the weights the file holds, decoded.
 
     qtype: the type of every 2-D weight; types: per mlx-lm name, overriding it. 1-D
     tensors stay F32, as llama.cpp keeps them. pre: the tokenizer's pre-type; metadata
-    and extra: more keys and tensors, written as they are. The returned weights are in
+    and extra: more keys and tensors, written as they are; without: parameters left out.
+    The returned weights are in
     mlx-lm's row order (quantizing whole rows commutes with permuting them).
     """
     args = model.args
@@ -136,6 +138,8 @@ def write_gguf(
     names = gguf.get_tensor_name_map(ARCHS.get(arch, gguf.MODEL_ARCH.LLAMA), args.num_hidden_layers)
     held = {}
     for name, weight in tree_flatten(model.parameters()):
+        if name in without:
+            continue
         w = np.array(weight.astype(mx.float32))
         t = (types or {}).get(name, qtype if w.ndim == 2 else GGML.F32)
         if t in RANDOM_BLOCKS:
@@ -154,7 +158,8 @@ def write_gguf(
             heads = args.num_attention_heads if "q_proj" in name else args.num_key_value_heads
             data = permute_weights(data, heads)
         raw_dtype = None if t in (GGML.F32, GGML.F16) else t
-        writer.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), data, raw_dtype=raw_dtype)
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        writer.add_tensor(gguf_name, data, raw_dtype=raw_dtype)
     for name, data in (extra or {}).items():
         writer.add_tensor(name, data)
     writer.write_header_to_file()

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerFast
 
 from conftest import clone, tiny_model
 from gguf_files import byte_level_bpe, write_gguf
+from leftovers import no_folder_left
 from mlx_longheads.convert import convert_hf
 from mlx_longheads.gguf import convert_gguf
 from mlx_longheads.support import ModelError
@@ -54,13 +55,15 @@ def logits(model) -> np.ndarray:
     return np.array(model(TOKENS))
 
 
-def no_folder_left(tmp_path):
-    return [p.name for p in tmp_path.iterdir() if p.name == "mlx" or p.name.startswith(".mlx")] == []
-
-
 def test_hf_folder_converts_to_the_same_model(arch, tmp_path):
     model = tiny_model(arch, vocab_size=VOCAB)
     convert_hf(str(write_hf_folder(tmp_path / "hf", model, arch)), tmp_path / "mlx")
+    np.testing.assert_array_equal(logits(load(tmp_path / "mlx")), logits(model))
+
+
+def test_mistral_folder_converts_as_mlx_lm_llama(tmp_path):
+    model = tiny_model("llama", vocab_size=VOCAB)
+    convert_hf(str(write_hf_folder(tmp_path / "hf", model, "mistral")), tmp_path / "mlx")
     np.testing.assert_array_equal(logits(load(tmp_path / "mlx")), logits(model))
 
 

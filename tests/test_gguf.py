@@ -19,6 +19,7 @@ from transformers import Qwen2Tokenizer
 
 from conftest import clone, tiny_model
 from gguf_files import CHATML, SPECIAL, TEXT, Vocab, byte_level_vocab, write_gguf
+from leftovers import no_folder_left
 from mlx_longheads.gguf import convert_gguf
 from mlx_longheads.support import ModelError
 
@@ -48,11 +49,6 @@ def with_weights(model, weights):
 
 def logits(model) -> np.ndarray:
     return np.array(model(TOKENS))
-
-
-def no_folder_left(tmp_path):
-    """Neither the output folder nor its staging folder (a hidden sibling) remains."""
-    return [p.name for p in tmp_path.iterdir() if p.name == "mlx" or p.name.startswith(".mlx")] == []
 
 
 def test_float32_file_gives_the_same_logits_bit_for_bit(arch, tmp_path):
@@ -131,6 +127,14 @@ def test_dtype_casts_the_unquantized_weights(tmp_path):
     assert dtypes["model.norm.weight"] == mx.bfloat16
     assert dtypes["model.layers.0.self_attn.q_norm.weight"] == mx.bfloat16
     assert dtypes["model.layers.0.self_attn.q_proj.scales"] == mx.float16  # repacked exactly
+
+
+def test_linear_rope_scaling_is_kept(tmp_path):
+    model = tiny_model("llama", vocab_size=VOCAB, rope_scaling={"type": "linear", "factor": 4.0})
+    metadata = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": 4.0}
+    loaded, _, _ = convert(tmp_path, model, "llama", metadata=metadata)
+    assert loaded.args.rope_scaling == {"type": "linear", "factor": 4.0}
+    np.testing.assert_array_equal(logits(loaded), logits(model))
 
 
 def test_config_carries_the_trained_length_and_the_model_shape(arch, tmp_path):
@@ -251,6 +255,13 @@ def test_truncated_file_is_named_and_leaves_nothing(keep, tmp_path):
 def test_not_a_gguf_file(tmp_path):
     (tmp_path / "model.gguf").write_bytes(b"PK\x03\x04" + bytes(1000))
     with pytest.raises(ModelError, match="not a complete GGUF file"):
+        convert_gguf(tmp_path / "model.gguf", tmp_path / "mlx")
+
+
+def test_file_without_token_embeddings(tmp_path):
+    model = tiny_model("llama", vocab_size=VOCAB)
+    write_gguf(tmp_path / "model.gguf", model, "llama", without=("model.embed_tokens.weight",))
+    with pytest.raises(ModelError, match="no token_embd.weight"):
         convert_gguf(tmp_path / "model.gguf", tmp_path / "mlx")
 
 
