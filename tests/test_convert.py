@@ -1,6 +1,5 @@
 """Hugging Face folders become MLX folders through mlx-lm's converter, whole or not at all."""
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -14,36 +13,17 @@ import pytest
 from gguf import GGMLQuantizationType as GGML
 from huggingface_hub import constants
 from mlx.utils import tree_flatten, tree_unflatten
-from transformers import PreTrainedTokenizerFast
 
 from conftest import clone, tiny_model
-from gguf_files import byte_level_bpe, write_gguf
+from gguf_files import write_gguf
+from hf_files import VOCAB, write_hf_folder
 from leftovers import no_folder_left
 from mlx_longheads.convert import convert_hf
 from mlx_longheads.gguf import convert_gguf
 from mlx_longheads.support import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
-VOCAB = 300
 TOKENS = mx.array(np.random.default_rng(0).integers(0, VOCAB, size=(1, 40)))
-
-
-def write_hf_folder(path: Path, model, arch: str) -> Path:
-    """The files of a Hugging Face checkpoint: config.json, safetensors, tokenizer.
-
-    mlx-lm's llama, qwen2 and qwen3 parameters have the Hugging Face names already.
-    """
-    path.mkdir()
-    weights = dict(tree_flatten(model.parameters()))
-    mx.save_safetensors(str(path / "model.safetensors"), weights, metadata={"format": "pt"})
-    args = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
-    config = {**args, "model_type": arch, "torch_dtype": "float32"}
-    (path / "config.json").write_text(json.dumps(config))
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_bpe(VOCAB), bos_token="<|im_start|>", eos_token="<|im_end|>"
-    )
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def load(path: Path):

@@ -15,6 +15,7 @@ from mlx_lm.utils import dequantize_model
 import mlx_longheads.resolve as resolve
 from conftest import tiny_model
 from gguf_files import write_gguf
+from hf_files import VOCAB, write_hf_folder
 from mlx_longheads.gguf import convert_gguf
 from mlx_longheads.resolve import cache_dir, default_gguf, resolve_model
 from mlx_longheads.support import ModelError
@@ -45,7 +46,7 @@ def cache(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def gguf_file(tmp_path) -> Path:
-    write_gguf(tmp_path / "tiny.gguf", tiny_model("llama", vocab_size=300), "llama", GGML.Q8_0)
+    write_gguf(tmp_path / "tiny.gguf", tiny_model("llama", vocab_size=VOCAB), "llama", GGML.Q8_0)
     return tmp_path / "tiny.gguf"
 
 
@@ -74,7 +75,7 @@ def test_gguf_file_is_converted_once_into_the_cache(cache, gguf_file, monkeypatc
 
 def test_replaced_gguf_file_is_converted_again(cache, gguf_file):
     first = resolve_model(gguf_file)
-    write_gguf(gguf_file, tiny_model("qwen3", vocab_size=300), "qwen3", GGML.Q4_0)
+    write_gguf(gguf_file, tiny_model("qwen3", vocab_size=VOCAB), "qwen3", GGML.Q4_0)
     second = resolve_model(gguf_file)
     assert second != first
     assert json.loads((second / "config.json").read_text())["model_type"] == "qwen3"
@@ -84,6 +85,14 @@ def test_folder_is_itself(cache, gguf_file, tmp_path):
     folder = convert_gguf(gguf_file, tmp_path / "mlx")
     assert resolve_model(str(folder)) == folder
     assert not cache.exists()
+
+
+def test_hugging_face_folder_is_itself_and_mlx_lm_loads_it(cache, tmp_path):
+    model = tiny_model("qwen3", vocab_size=VOCAB)
+    folder = write_hf_folder(tmp_path / "hf", model, "qwen3")
+    assert resolve_model(folder) == folder
+    tokens = mx.array([[1, 2, 3]])
+    np.testing.assert_array_equal(mlx_lm.load(str(folder))[0](tokens), model(tokens))
 
 
 @pytest.mark.parametrize("spec", ["./absent", "/absent/model", "absent/deeper/still", "absent.gguf"])
