@@ -1,6 +1,5 @@
-"""Convert a GGUF file (llama, mistral, qwen2, qwen3) to an MLX folder.
-
-(Not named gguf.py: a script shadows the packages named like it.)
+"""Convert a GGUF file of a llama (Mistral's are llama too), qwen2 or qwen3 model to an
+MLX folder. (Not named gguf.py: a script of that name would hide the gguf package.)
 
 python convert/gguf_to_mlx.py --gguf-path FILE.gguf --mlx-path DIR [--dtype float16]
 """
