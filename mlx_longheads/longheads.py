@@ -129,12 +129,17 @@ def window_slots(
     cache: LongHeadsCache,
     config: LongHeadsConfig,
 ) -> mx.array:
-    """The chunk in each window slot, [B, Hs, G, k]: chunks 0..k-1 while own < k."""
+    """The chunk in each window slot, [B, Hs, G, n]: chunks 0..n-1 while own < k.
+
+    While every group's own chunk is below k, only slots 0..max(own) can be visible,
+    so n = max(own) + 1 and short contexts cost what ordinary attention costs.
+    """
     B, H, G = queries.shape[:3]
     k = config.num_chunks
     n_kv_heads = cache.keys.shape[1]
     n_selecting = H if config.selection == "query_head" else n_kv_heads
-    first_chunks = mx.broadcast_to(mx.arange(k, dtype=mx.uint32), (B, n_selecting, G, k))
+    n = min(k, max(own) + 1)
+    first_chunks = mx.broadcast_to(mx.arange(n, dtype=mx.uint32), (B, n_selecting, G, n))
     if max(own) < k:
         return first_chunks
     query_sums = queries.astype(mx.float32).sum(axis=3)
@@ -166,12 +171,12 @@ def attend_groups(
     first_offset[i] + 0..g-1 of chunk own[i]. Returns [B, H, G, g, Dv].
     """
     B, H, G, g, D = queries.shape
-    w, k = config.chunk_size, config.num_chunks
+    w = config.chunk_size
     slots = window_slots(queries, own, cache, config)
     # Slots past the cache's end hold chunks 0..k-1 that do not exist yet; they are
     # masked below, so any valid index serves.
     slots = mx.minimum(slots, cache.keys.shape[2] // w - 1)
-    Hs = slots.shape[1]
+    Hs, k = slots.shape[1], slots.shape[3]
     keys = gather_chunks(cache.keys, slots, w).reshape(B, Hs, G, k, w, D)
     values = gather_chunks(cache.values, slots, w)  # [B, Hs, G, k*w, Dv]
 

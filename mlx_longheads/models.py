@@ -13,8 +13,8 @@ import mlx.nn as nn
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .longheads import longheads_attention
+from .support import ARCHITECTURES
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -60,10 +60,10 @@ class LongHeadsAttention(nn.Module):
 def check_supported(model: nn.Module) -> None:
     """Refuse what LongHeads cannot handle correctly, naming the rule."""
     args = model.args
-    if args.model_type not in SUPPORTED_MODEL_TYPES:
+    if args.model_type not in ARCHITECTURES:
         raise ConfigError(
             f"model type {args.model_type!r} is not supported by LongHeads: "
-            f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"use one of {', '.join(ARCHITECTURES)}"
         )
     scaling = getattr(args, "rope_scaling", None) or {}
     rope_type = scaling.get("type") or scaling.get("rope_type") or "default"
@@ -98,3 +98,9 @@ def apply_longheads(
         LongHeadsCache(config.chunk_size, max_size) for _ in model.layers
     ]
     return config
+
+
+def longheads_config(model: nn.Module) -> Optional[LongHeadsConfig]:
+    """The resolved configuration of a LongHeads model; None for stock attention."""
+    attention = model.layers[0].self_attn
+    return attention.config if isinstance(attention, LongHeadsAttention) else None

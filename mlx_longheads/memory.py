@@ -1,0 +1,51 @@
+"""What a run will need, checked before it starts rather than discovered at token 70k."""
+
+import os
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .config import LongHeadsConfig
+
+# Activations, gathered windows and allocator slack during prefill.
+WORKSPACE_BYTES = 1 << 30
+
+
+def weight_bytes(model: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConfig]) -> int:
+    """Keys and values (plus LongHeads' representations and one chunk of queries)."""
+    args = model.args
+    heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
+    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    # The cache holds activations, whose dtype the norms' weights share.
+    itemsize = model.layers[0].input_layernorm.weight.itemsize
+    per_token = 2 * kv_heads * head_dim
+    extra = 0
+    if longheads is not None:
+        w = longheads.chunk_size
+        per_token += heads * head_dim / w
+        extra = heads * w * head_dim
+    return int(len(model.layers) * (per_token * tokens + extra) * itemsize)
+
+
+def available_bytes() -> int:
+    """Memory this process can use: the GPU working set on Metal, free RAM elsewhere."""
+    if mx.metal.is_available():
+        return mx.device_info()["max_recommended_working_set_size"]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def gigabytes(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
