@@ -13,15 +13,16 @@ from typing import List, Optional
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .config import ConfigError, LongHeadsConfig
-from .models import longheads_config
+from .config import LongHeadsConfig
 from .generation import (
     LimitError,
     PrefillProgress,
     check_memory,
+    exit_on_bad_input,
     parse_context_length,
     stream_generate,
 )
+from .models import longheads_config
 
 SYSTEM = "You answer questions about the document below.\n\n"
 
@@ -107,13 +108,7 @@ def chat(args, stdin=sys.stdin) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        chat(args)
-    except (LimitError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print()
+    exit_on_bad_input(lambda: chat(args))
 
 
 if __name__ == "__main__":

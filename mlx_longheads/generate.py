@@ -14,12 +14,13 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .config import ConfigError, LongHeadsConfig
+from .config import LongHeadsConfig
 from .generation import (
     DEFAULT_MAX_CONTEXT,
     LimitError,
     PrefillProgress,
     check_memory,
+    exit_on_bad_input,
     parse_context_length,
     stream_generate,
     truncate,
@@ -130,11 +131,7 @@ def run(args) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (LimitError, ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    exit_on_bad_input(lambda: run(args))
 
 
 if __name__ == "__main__":

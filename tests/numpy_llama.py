@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Dict, Tuple
 
 import numpy as np
+
+import reference
+from reference import softmax
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
@@ -41,17 +44,8 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 def rope(x: np.ndarray, base: float) -> np.ndarray:
-    """x [T, heads, D] at positions 0..T-1; the two halves of each head rotate together."""
-    T, _, D = x.shape
-    angles = np.arange(T)[:, None, None] * base ** (-np.arange(0, D, 2) / D)
-    cos, sin = np.cos(angles), np.sin(angles)
-    x1, x2 = x[..., : D // 2], x[..., D // 2 :]
-    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    """x [T, heads, D] at positions 0..T-1."""
+    return reference.rope(x, np.arange(len(x))[:, None], base)
 
 
 def llama_logits(weights: Dict[str, np.ndarray], config: Dict[str, float], tokens) -> np.ndarray:
