@@ -1,8 +1,8 @@
 """The chunked KV cache LongHeads attends over, in mlx-lm's cache interface (0.32.2).
 
-Per layer it stores the keys before RoPE (positions are given at use, so a key can sit at
-any rank of a head's window), the values, one representation per complete chunk and
-query head, and the raw queries of the current incomplete chunk only (they are needed
+Per layer it stores the keys rotated by their offset inside their chunk (the query is
+rotated for the window slot a chunk lands in, so a key can sit in any slot), the
+values, one representation per complete chunk and query head, and the raw queries of the current incomplete chunk only (they are needed
 to compute that chunk's representation once it completes). Buffers grow in whole chunks
 by at least an eighth of their size, so appending is amortised O(1) per token and the
 spare room stays under about 12.5%.
@@ -22,7 +22,7 @@ class LongHeadsCache(_BaseCache):
         """max_size: tokens to allocate at once (for example the CLI's max-context)."""
         self.chunk_size = chunk_size
         self.max_size = max_size
-        self.keys: Optional[mx.array] = None  # [B, Hk, capacity, D], before RoPE
+        self.keys: Optional[mx.array] = None  # [B, Hk, capacity, D], R(k_i, i mod w)
         self.values: Optional[mx.array] = None  # [B, Hk, capacity, Dv]
         self.representations: Optional[mx.array] = None  # [B, H, capacity / w, D]
         self.queries: Optional[mx.array] = None  # [B, H, w, D]: the incomplete chunk's
