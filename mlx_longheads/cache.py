@@ -2,10 +2,11 @@
 
 Per layer it stores the keys rotated by their offset inside their chunk (the query is
 rotated for the window slot a chunk lands in, so a key can sit in any slot), the
-values, one representation per complete chunk and query head, and the raw queries of the current incomplete chunk only (they are needed
-to compute that chunk's representation once it completes). Buffers grow in whole chunks
-by at least an eighth of their size, so appending is amortised O(1) per token and the
-spare room stays under about 12.5%.
+values, one representation per complete chunk and query head, and the raw queries of
+the current incomplete chunk only (they are needed to compute that chunk's
+representation once it completes). Buffers grow in whole chunks, by at least 2048
+tokens and an eighth of their size, so appending is amortised O(1) per token and the
+spare room of a large cache stays under about 12.5%.
 """
 
 from typing import Optional, Tuple
