@@ -120,3 +120,13 @@ def test_make_cache_gives_longheads_caches():
     model = longheads_copy(tiny_model("qwen3"))
     caches = model.make_cache()
     assert len(caches) == 2 and all(isinstance(c, LongHeadsCache) for c in caches)
+
+
+def test_smollm2_below_attention_length_equals_stock_attention():
+    """The embedded model: 600 tokens (past two chunk boundaries) inside L = 1024."""
+    from mlx_longheads import load
+
+    stock, tokenizer = load(longheads=None)
+    model, _ = load(longheads=LongHeadsConfig(256, 1024))
+    x = mx.array(tokenizer.encode("The grass is green. The sky is blue. " * 60)[:600])[None]
+    np.testing.assert_allclose(np.array(model(x)), np.array(stock(x)), atol=2e-3)
