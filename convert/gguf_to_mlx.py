@@ -5,10 +5,9 @@ python convert/gguf_to_mlx.py --gguf-path FILE.gguf --mlx-path DIR [--dtype floa
 """
 
 import argparse
-import sys
 
 from mlx_longheads.gguf import convert_gguf
-from mlx_longheads.support import ModelError
+from mlx_longheads.cli import exit_on_bad_input
 
 
 def main() -> None:
@@ -21,10 +20,7 @@ def main() -> None:
         help="unquantized weights (default: as stored; decoded K-quants float16)",
     )
     args = parser.parse_args()
-    try:
-        convert_gguf(**vars(args))
-    except ModelError as e:
-        sys.exit(f"error: {e}")
+    exit_on_bad_input(lambda: convert_gguf(**vars(args)))
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ python convert/hf_to_mlx.py --hf-path REPO_OR_FOLDER --mlx-path DIR
 """
 
 import argparse
-import sys
 
 from mlx_longheads.convert import convert_hf
-from mlx_longheads.support import ModelError
+from mlx_longheads.cli import exit_on_bad_input
 
 
 def main() -> None:
@@ -28,10 +27,7 @@ def main() -> None:
         "--dtype", choices=["float16", "bfloat16", "float32"], help="unquantized weights"
     )
     args = parser.parse_args()
-    try:
-        convert_hf(**vars(args))
-    except ModelError as e:
-        sys.exit(f"error: {e}")
+    exit_on_bad_input(lambda: convert_hf(**vars(args)))
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ from typing import List, Optional
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
+from .cli import exit_on_bad_input
 from .config import LongHeadsConfig
 from .generation import (
     LimitError,
     PrefillProgress,
     check_memory,
-    exit_on_bad_input,
     parse_context_length,
     stream_generate,
 )

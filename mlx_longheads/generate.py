@@ -14,13 +14,13 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from .cli import exit_on_bad_input
 from .config import LongHeadsConfig
 from .generation import (
     DEFAULT_MAX_CONTEXT,
     LimitError,
     PrefillProgress,
     check_memory,
-    exit_on_bad_input,
     parse_context_length,
     stream_generate,
     truncate,

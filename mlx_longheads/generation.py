@@ -4,7 +4,7 @@ import argparse
 import re
 import sys
 import time
-from typing import Callable, Generator, List, Optional, Union
+from typing import Generator, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -122,14 +122,3 @@ class PrefillProgress:
 
 
 
-
-def exit_on_bad_input(command: Callable[[], None]) -> None:
-    """Run a command-line tool: bad input ends in one line on stderr and exit status 1."""
-    try:
-        command()
-    except (ValueError, FileNotFoundError) as e:  # LimitError, ConfigError, ModelError, ...
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        sys.exit(130)

@@ -1,0 +1,16 @@
+"""What every command-line tool of this project does with bad input."""
+
+import sys
+from typing import Callable
+
+
+def exit_on_bad_input(command: Callable[[], None]) -> None:
+    """Run a command-line tool: bad input ends in one line on stderr and exit status 1."""
+    try:
+        command()
+    except (ValueError, FileNotFoundError) as e:  # LimitError, ConfigError, ModelError, ...
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
