@@ -93,3 +93,37 @@ def test_representations_count_equals_complete_chunks():
         reps = np.array(c.representations)
         assert np.all(np.abs(reps[:, :, :n]).sum(axis=-1) > 0)
         assert np.all(reps[:, :, n:] == 0)
+
+
+def test_a_prompt_cache_from_another_configuration_is_refused_by_name(tmp_path):
+    from mlx_longheads.prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
+
+    model = longheads_model()
+    cache = fill(model, 40)
+    path = str(tmp_path / "doc.safetensors")
+    save_prompt_cache(path, cache, model, CONFIG)
+    assert load_prompt_cache(path, model, CONFIG)[0].offset == 40
+    other = LongHeadsConfig(chunk_size=16, attention_length=64)
+    with pytest.raises(PromptCacheError, match="another attention configuration"):
+        load_prompt_cache(path, model, other)
+    with pytest.raises(PromptCacheError, match="another model"):
+        load_prompt_cache(path, longheads_model("qwen3"), CONFIG)
+
+
+def test_an_interrupted_prompt_cache_write_leaves_the_old_file(tmp_path, monkeypatch):
+    from mlx_lm.models import cache as mlx_lm_cache
+
+    from mlx_longheads.prompt_cache import load_prompt_cache, save_prompt_cache
+
+    model = longheads_model()
+    path = tmp_path / "doc.safetensors"
+    save_prompt_cache(str(path), fill(model, 40), model, CONFIG)
+
+    def killed(file_name, *args):
+        open(file_name, "wb").write(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlx_lm_cache, "save_prompt_cache", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_prompt_cache(str(path), fill(model, 80), model, CONFIG)
+    assert load_prompt_cache(str(path), model, CONFIG)[0].offset == 40
