@@ -13,7 +13,7 @@ from typing import List, Optional
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .cli import exit_on_bad_input
+from .cli import exit_on_bad_input, read_text
 from .config import LongHeadsConfig
 from .generation import (
     LimitError,
@@ -22,6 +22,7 @@ from .generation import (
     parse_context_length,
     stream_generate,
 )
+from .load import load
 from .models import longheads_config
 
 SYSTEM = "You answer questions about the document below.\n\n"
@@ -51,8 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def chat(args, stdin=sys.stdin) -> None:
-    from .load import load
-
     config = LongHeadsConfig(args.chunk_size, args.attention_length)
     model, tokenizer = load(args.model, longheads=config)
     check_memory(model, args.max_context, longheads_config(model))
@@ -60,12 +59,7 @@ def chat(args, stdin=sys.stdin) -> None:
     history: List[dict] = []
     pending: List[int] = []
     if args.document is not None:
-        try:
-            with open(args.document, encoding="utf-8") as f:
-                document = f.read()
-        except (FileNotFoundError, UnicodeDecodeError) as e:
-            raise LimitError(f"cannot read {args.document} as UTF-8 text: {e}")
-        history.append({"role": "system", "content": SYSTEM + document})
+        history.append({"role": "system", "content": SYSTEM + read_text(args.document)})
         pending = turn_tokens(tokenizer, [], history[0])
     sampler = make_sampler(args.temp)
     used = 0

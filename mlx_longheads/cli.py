@@ -14,3 +14,14 @@ def exit_on_bad_input(command: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file the user named, or a ValueError that says what is wrong with it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {path}")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: convert it (iconv -t UTF-8)")

@@ -14,7 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cli import exit_on_bad_input
+from .cli import exit_on_bad_input, read_text
 from .config import LongHeadsConfig
 from .generation import (
     DEFAULT_MAX_CONTEXT,
@@ -60,13 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def read_prompt(args) -> str:
     parts = []
     if args.prompt_file is not None:
-        try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                parts.append(f.read())
-        except FileNotFoundError:
-            raise LimitError(f"no such prompt file: {args.prompt_file}")
-        except UnicodeDecodeError:
-            raise LimitError(f"{args.prompt_file} is not UTF-8 text: convert it (iconv -t UTF-8)")
+        parts.append(read_text(args.prompt_file))
     if args.prompt == "-":
         parts.append(sys.stdin.read())
     elif args.prompt is not None:

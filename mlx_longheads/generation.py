@@ -119,6 +119,3 @@ class PrefillProgress:
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()
-
-
-
