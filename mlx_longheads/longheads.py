@@ -22,6 +22,7 @@ Shapes: B batch, H query heads, Hk KV heads, Hs heads that select (H or Hk), D h
 w chunk size, G query groups (queries that share one selection), g queries per group.
 """
 
+import math
 from typing import Callable, List, Optional
 
 import mlx.core as mx
@@ -34,6 +35,8 @@ RoPE = Callable[..., mx.array]  # rope(x, offset=int | mx.array): the model's ow
 # Upper bound on the working arrays of one attention call (bytes); groups of queries
 # are processed in blocks that fit it, so prefill memory stays flat.
 BLOCK_BUDGET = 256 * 2**20
+
+LOG2_E = math.log2(math.e)
 
 
 def rotate_in_chunks(x: mx.array, start: int, rope: RoPE, w: int) -> mx.array:
@@ -106,21 +109,16 @@ def select_chunks(
     return mx.concatenate([first, top, ends.astype(mx.uint32)], axis=-1)
 
 
-def gather_chunks(buffer: mx.array, slots: mx.array, w: int) -> mx.array:
-    """Keys or values of the chunks in slots, in slot order.
+def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
+    """Row of each slot's chunk in a cache buffer viewed as [B * Hk * n_chunks, w, D].
 
-    buffer [B, Hk, capacity, D] (a contiguous cache buffer), slots [B, Hs, G, k] with
-    Hs = Hk or H -> [B, Hs, G, k*w, D]. One row gather over whole chunks: `mx.take` of
-    contiguous rows is far faster than an element-wise take_along_axis.
+    slots [B, G, n, Hs] with Hs = Hk or H (query head h reads KV head h // (H / Hk)).
+    `mx.gather_mm` multiplies these rows in place: no gathered copy of the window.
     """
-    B, Hk, capacity, D = buffer.shape
-    _, Hs, G, k = slots.shape
-    n_chunks = capacity // w
-    rows = buffer.reshape(B * Hk * n_chunks, w * D)
-    kv_head = mx.arange(Hs) // (Hs // Hk)
-    first_row = (mx.arange(B)[:, None] * Hk + kv_head[None]) * n_chunks  # [B, Hs]
-    index = slots + first_row[:, :, None, None].astype(mx.uint32)
-    return mx.take(rows, index.reshape(-1), axis=0).reshape(B, Hs, G, k * w, D)
+    B, _, _, Hs = slots.shape
+    kv_head = mx.arange(Hs) // (Hs // n_kv_heads)
+    first_row = (mx.arange(B)[:, None] * n_kv_heads + kv_head[None]) * n_chunks  # [B, Hs]
+    return slots + first_row[:, None, None].astype(mx.uint32)
 
 
 def window_slots(
@@ -129,17 +127,22 @@ def window_slots(
     cache: LongHeadsCache,
     config: LongHeadsConfig,
 ) -> mx.array:
-    """The chunk in each window slot, [B, Hs, G, n]: chunks 0..n-1 while own < k.
+    """The chunk in each window slot, [B, Hs, G, n]; the last slot is the group's own chunk.
 
-    While every group's own chunk is below k, only slots 0..max(own) can be visible,
-    so n = max(own) + 1 and short contexts cost what ordinary attention costs.
+    Past the threshold (own >= k) a window is the selection [0, top, own-1, own]. Before
+    it, a window is chunks 0..own at their true positions, so n = max(own) + 1 slots hold
+    chunks 0..n-2 and the own chunk (slots a group may not see are masked by
+    attend_groups): short contexts cost what ordinary attention costs.
     """
     B, H, G = queries.shape[:3]
     k = config.num_chunks
     n_kv_heads = cache.keys.shape[1]
     n_selecting = H if config.selection == "query_head" else n_kv_heads
     n = min(k, max(own) + 1)
-    first_chunks = mx.broadcast_to(mx.arange(n, dtype=mx.uint32), (B, n_selecting, G, n))
+    own_chunk = mx.array(own, dtype=mx.uint32)[:, None]
+    earlier = mx.broadcast_to(mx.arange(n - 1, dtype=mx.uint32), (G, n - 1))
+    first_chunks = mx.concatenate([earlier, own_chunk], axis=1)
+    first_chunks = mx.broadcast_to(first_chunks, (B, n_selecting, G, n))
     if max(own) < k:
         return first_chunks
     query_sums = queries.astype(mx.float32).sum(axis=3)
@@ -169,37 +172,61 @@ def attend_groups(
 
     queries [B, H, G, g, D] before RoPE; group i's queries sit at in-chunk offsets
     first_offset[i] + 0..g-1 of chunk own[i]. Returns [B, H, G, g, Dv].
+
+    Each slot is one matrix product of the slot's rotated queries with the chunk's rows
+    of the cache (`mx.gather_mm`: the window is never copied out). The softmax runs over
+    all slots without bringing them together: 2^(s - max) with scores in base 2 (the
+    scale includes log2 e; MLX's CPU `power` is twice as fast as its `exp`), and the
+    sum of those weights divides the summed per-slot outputs. Only the own chunk's slot
+    needs a causal mask, so the other slots are never masked past the threshold.
     """
     B, H, G, g, D = queries.shape
-    w = config.chunk_size
-    slots = window_slots(queries, own, cache, config)
-    # Slots past the cache's end hold chunks 0..k-1 that do not exist yet; they are
-    # masked below, so any valid index serves.
-    slots = mx.minimum(slots, cache.keys.shape[2] // w - 1)
-    Hs, k = slots.shape[1], slots.shape[3]
-    keys = gather_chunks(cache.keys, slots, w).reshape(B, Hs, G, k, w, D)
-    values = gather_chunks(cache.values, slots, w)  # [B, Hs, G, k*w, Dv]
-
-    first_position = mx.array([min(c, k - 1) * w + o for c, o in zip(own, first_offset)])
-    # Query rotated for slot r by P - r*w (>= 0 for every slot it may see).
-    offsets = mx.maximum(first_position[:, None] - mx.arange(k) * w, 0)  # [G, k]
-    q = mx.broadcast_to(queries[:, :, :, None], (B, H, G, k, g, D))
-    q = q.transpose(0, 2, 3, 1, 4, 5).reshape(B * G * k, H, g, D)
-    q = rope(q, offset=mx.tile(offsets.reshape(-1), B)).reshape(B, G, k, H, g, D)
+    w, k = config.chunk_size, config.num_chunks
+    _, Hk, capacity, Dv = cache.values.shape
+    slots = window_slots(queries, own, cache, config).transpose(0, 2, 3, 1)  # [B, G, n, Hs]
+    n, Hs = slots.shape[2], slots.shape[3]
     R = H // Hs  # query heads sharing one window
-    q = q.reshape(B, G, k, Hs, R, g, D).transpose(0, 3, 1, 2, 4, 5, 6)
-    q = q.reshape(B, Hs, G, k, R * g, D)
+    rows = chunk_rows(slots, Hk, capacity // w)
 
-    scores = (q * scale) @ keys.swapaxes(-1, -2)  # [B, Hs, G, k, R*g, w]
-    scores = scores.swapaxes(3, 4).reshape(B, Hs, G, R * g, k * w)
-    query_positions = first_position[:, None] + mx.arange(g)  # [G, g]
-    visible = mx.arange(k * w) <= query_positions[..., None]  # [G, g, k*w]
-    visible = mx.broadcast_to(visible[:, None], (G, R, g, k * w)).reshape(G, R * g, k * w)
-    scores = mx.where(visible, scores, -mx.inf)
-    weights = mx.softmax(scores, axis=-1, precise=True)
-    out = weights.astype(values.dtype) @ values  # [B, Hs, G, R*g, Dv]
-    out = out.reshape(B, Hs, G, R, g, -1).swapaxes(2, 3)
-    return out.reshape(B, H, G, g, -1)
+    # The query of slot r is rotated by P - r*w (P its window position); the own
+    # chunk's slot, at r*w = own*w or (k-1)*w, by its in-chunk offset.
+    own_offset = mx.array(first_offset)
+    position = mx.array([min(c, k - 1) * w for c in own]) + own_offset  # [G]
+    earlier = mx.maximum(position[:, None] - mx.arange(n - 1) * w, 0)
+    offsets = mx.concatenate([earlier, own_offset[:, None]], axis=1)  # [G, n]
+    q = (queries * (scale * LOG2_E)).transpose(0, 2, 1, 3, 4)[:, :, None]
+    q = mx.broadcast_to(q, (B, G, n, H, g, D)).reshape(B * G * n, H, g, D)
+    q = rope(q, offset=mx.tile(offsets.reshape(-1), B))
+    q = q.reshape(B, G, n, Hs, R * g, D)
+    keys = cache.keys.reshape(-1, w, D).swapaxes(-1, -2)
+    scores = mx.gather_mm(q, keys, rhs_indices=rows).reshape(B, G, n, Hs, R, g, w)
+
+    # Own chunk: keys up to the query. Earlier slots: all, but before the threshold
+    # only the chunks before the group's own one.
+    own_visible = mx.arange(w) <= (own_offset[:, None] + mx.arange(g))[..., None]  # [G, g, w]
+    own_scores = scores[:, :, -1:]
+    own_scores = mx.where(own_visible[:, None, None, None], own_scores, -mx.inf)
+    parts = [(own_scores, rows[:, :, -1:])]
+    if n > 1:
+        earlier_scores = scores[:, :, :-1]
+        if min(own) < n - 1:
+            earlier_visible = mx.arange(n - 1) < mx.array(own)[:, None]  # [G, n-1]
+            mask = earlier_visible[..., None, None, None, None]
+            earlier_scores = mx.where(mask, earlier_scores, -mx.inf)
+        parts.append((earlier_scores, rows[:, :, :-1]))
+
+    top = parts[0][0].max(axis=(2, 6), keepdims=True)
+    for part, _ in parts[1:]:
+        top = mx.maximum(top, part.max(axis=(2, 6), keepdims=True))
+    values = cache.values.reshape(-1, w, Dv)
+    out, total = 0, 0
+    for part, part_rows in parts:
+        weights = mx.power(2.0, (part - top).astype(mx.float32))  # [B, G, m, Hs, R, g, w]
+        total = total + weights.sum(axis=(2, 6))  # [B, G, Hs, R, g]
+        weights = weights.astype(values.dtype).reshape(B, G, -1, Hs, R * g, w)
+        out = out + mx.gather_mm(weights, values, rhs_indices=part_rows).sum(axis=2)
+    out = out.reshape(B, G, Hs, R, g, Dv) / total[..., None].astype(out.dtype)
+    return out.reshape(B, G, H, g, Dv).transpose(0, 2, 1, 3, 4)
 
 
 def longheads_attention(
@@ -242,9 +269,10 @@ def longheads_attention(
         first_offset = [0] * G
     G, g = groups.shape[2], groups.shape[3]
 
-    # Working arrays per group: gathered keys and values, rotated queries, scores.
+    # Working arrays per group: rotated queries, scores and exponentials (float32),
+    # per-slot outputs.
     k = config.num_chunks
-    per_group = H * k * (2 * w * D + g * D + 2 * g * w) * queries.itemsize
+    per_group = H * k * g * (2 * D + 3 * w) * 4
     block = max(1, BLOCK_BUDGET // per_group)
     outputs = [
         attend_groups(
