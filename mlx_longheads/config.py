@@ -62,7 +62,8 @@ class LongHeadsConfig:
             raise ConfigError(f"chunk_size must be positive, got {w}")
         if L % w:
             raise ConfigError(
-                f"attention_length {L} must be a multiple of chunk_size {w}"
+                f"attention_length {L} must be a multiple of chunk_size {w}: "
+                "choose a chunk_size that divides it"
             )
         if L // w < 4:
             raise ConfigError(
@@ -72,7 +73,7 @@ class LongHeadsConfig:
         if trained_length is not None and L > trained_length:
             raise ConfigError(
                 f"attention_length {L} exceeds the model's trained length {trained_length}: "
-                "positions past it are what LongHeads avoids; use at most that"
+                f"positions past it are what LongHeads avoids; use at most {trained_length}"
             )
         if self.selection not in ("query_head", "kv_head"):
             raise ConfigError(

@@ -80,10 +80,10 @@ def stream_generate(
     """
     if kwargs.get("kv_bits") is not None and longheads_config(model) is not None:
         raise LimitError("kv_bits is not supported with LongHeads attention yet: drop it")
+    if len(prompt) == 0:  # before encoding: a tokenizer may turn "" into a BOS token
+        raise LimitError("the prompt is empty: give some text")
     if isinstance(prompt, str):
         prompt = tokenizer.encode(prompt)
-    if len(prompt) == 0:
-        raise LimitError("the prompt is empty: give some text")
     if max_context is not None:
         truncate(list(prompt), max_context, None)
     yield from mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens, **kwargs)

@@ -51,12 +51,28 @@ def read_gguf(path: Path) -> Tuple[Dict[str, Any], Dict[str, ReaderTensor]]:
         raise ModelError(f"{path}: no such file")
     try:
         reader = GGUFReader(path)
+        check_layout(reader)
+        # Strings are decoded here, not by the reader: a flipped byte fails in contents().
+        meta = {key: field.contents() for key, field in reader.fields.items()}
     except (ValueError, IndexError, KeyError, OSError) as e:
         raise ModelError(
             f"{path} is not a complete GGUF file (truncated or corrupt: {e}): download it again"
         ) from e
-    meta = {key: field.contents() for key, field in reader.fields.items()}
     return meta, {tensor.name: tensor for tensor in reader.tensors}
+
+
+def check_layout(reader: GGUFReader) -> None:
+    """Tensors start on the file's alignment and do not overlap, as llama.cpp writes them.
+
+    The reader checks neither: a flipped byte in a tensor's offset would otherwise
+    convert silently, reading part of the next tensor as its weights.
+    """
+    end = reader.data_offset
+    for tensor in sorted(reader.tensors, key=lambda t: t.data_offset):
+        start = tensor.data_offset
+        if start < end or (start - reader.data_offset) % reader.alignment:
+            raise ValueError(f"tensor {tensor.name} is misplaced at byte {start}")
+        end = start + tensor.n_bytes
 
 
 def mlx_name(gguf_name: str) -> str:

@@ -15,13 +15,15 @@ from typing import Any, List, Optional
 import mlx.nn as nn
 from mlx_lm.models import cache as mlx_lm_cache
 
+from .cache import LongHeadsCache
 from .config import LongHeadsConfig
 
 FORMAT_VERSION = "1"
+REBUILD = "delete it and run the prompt again to rebuild it"
 
 
 class PromptCacheError(ValueError):
-    pass
+    """A prompt cache file that cannot continue this run; the message says to rebuild it."""
 
 
 def describe(model: nn.Module, config: Optional[LongHeadsConfig]) -> dict:
@@ -58,21 +60,51 @@ def save_prompt_cache(
 def load_prompt_cache(
     path: str, model: nn.Module, config: Optional[LongHeadsConfig]
 ) -> List[Any]:
+    """The cache saved at path, refused unless it fits this model and configuration."""
     if not Path(path).is_file():
         raise PromptCacheError(f"no such prompt cache file: {path}")
     try:
         cache, metadata = mlx_lm_cache.load_prompt_cache(path, return_metadata=True)
-    except Exception as e:
-        raise PromptCacheError(f"{path} is not a readable prompt cache ({e}): delete it and rebuild it")
-    expected = describe(model, config)
-    if metadata.get("mlx_longheads_format") != FORMAT_VERSION:
+    except Exception as e:  # mx.load, JSON and tree errors of a truncated or corrupt file
+        raise PromptCacheError(f"{path} is not a readable prompt cache ({e}): {REBUILD}")
+    version = metadata.get("mlx_longheads_format")
+    if version != FORMAT_VERSION:
+        written = "not by mlx-longheads" if version is None else f"in format version {version}"
         raise PromptCacheError(
-            f"{path} was not written by this version of mlx-longheads: rebuild it"
+            f"{path} was written {written}; this version reads prompt-cache format "
+            f"{FORMAT_VERSION} only: {REBUILD}"
         )
-    for key in ("model", "longheads"):
+    expected = describe(model, config)
+    for key, what in (("model", "model"), ("longheads", "attention configuration")):
         if metadata.get(key) != expected[key]:
             raise PromptCacheError(
-                f"{path} was made with another {'model' if key == 'model' else 'attention configuration'} "
-                f"({metadata.get(key)}, now {expected[key]}): use the same one or rebuild the cache"
+                f"{path} was made with another {what} ({metadata.get(key)}, now "
+                f"{expected[key]}): use the same one, or {REBUILD}"
             )
+    problem = inconsistency(cache, model)
+    if problem:
+        raise PromptCacheError(f"{path} is corrupt ({problem}): {REBUILD}")
     return cache
+
+
+
+def inconsistency(cache: List[Any], model: nn.Module) -> Optional[str]:
+    """What makes a cache's arrays disagree with each other or with the model, if anything.
+
+    The metadata matching is not enough: flipped bytes in the arrays (the offsets are
+    arrays too) would otherwise load and attend to garbage or fail deep in a layer.
+    """
+    if len(cache) != len(model.layers):
+        return f"{len(cache)} layers, the model has {len(model.layers)}"
+    offsets = {c.offset for c in cache}
+    if len(offsets) != 1:
+        return f"the layers hold different token counts {sorted(offsets)}"
+    for c in cache:
+        if not isinstance(c, LongHeadsCache) or c.empty():
+            continue
+        w, held = c.chunk_size, c.keys.shape[2]
+        if held % w or held < c.offset or c.values.shape[2] != held:
+            return f"{held} stored tokens for {c.offset} in chunks of {w}"
+        if c.queries.shape[2] != w:
+            return f"{c.queries.shape[2]} pending queries for chunks of {w}"
+    return None

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import mlx_longheads  # noqa: F401  (loads OpenBLAS before mlx)
 import mlx.core as mx
 import pytest
@@ -41,6 +44,23 @@ def clone(model):
     copy = type(model)(model.args)
     copy.update(model.parameters())
     return copy
+
+
+def run_module(*args: str, stdin=None) -> subprocess.CompletedProcess:
+    """`python -m <args>` as a user runs it: its exit status, stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, timeout=600
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Bad input ends a tool with exit status 1 and one line on stderr naming the fix."""
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(params=list(ARCHITECTURES))

@@ -104,9 +104,10 @@ def test_a_prompt_cache_from_another_configuration_is_refused_by_name(tmp_path):
     save_prompt_cache(path, cache, model, CONFIG)
     assert load_prompt_cache(path, model, CONFIG)[0].offset == 40
     other = LongHeadsConfig(chunk_size=16, attention_length=64)
-    with pytest.raises(PromptCacheError, match="another attention configuration"):
+    fix = "use the same one, or delete it and run the prompt again to rebuild it"
+    with pytest.raises(PromptCacheError, match=f"another attention configuration.*{fix}"):
         load_prompt_cache(path, model, other)
-    with pytest.raises(PromptCacheError, match="another model"):
+    with pytest.raises(PromptCacheError, match=f"another model.*{fix}"):
         load_prompt_cache(path, longheads_model("qwen3"), CONFIG)
 
 

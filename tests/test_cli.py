@@ -1,28 +1,11 @@
 """The command-line tools end to end, on the embedded SmolLM2 model."""
 
-import subprocess
-import sys
-
 import pytest
 
+from conftest import assert_one_line_error, run_module as run
 from mlx_longheads.generation import LimitError, check_memory, parse_context_length, truncate
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-
-
-def run(*args, stdin=None):
-    return subprocess.run(
-        [sys.executable, "-m", *args], input=stdin, capture_output=True, text=True, timeout=600
-    )
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

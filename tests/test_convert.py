@@ -93,7 +93,7 @@ def test_hf_route_and_gguf_route_give_the_same_model(tmp_path):
 def test_unsupported_architecture_is_refused_before_converting(tmp_path):
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ModelError, match="architecture 'gpt2' is not supported"):
+    with pytest.raises(ModelError, match="architecture 'gpt2' is not supported; use a llama, mistral, qwen2, qwen3 model"):
         convert_hf(str(tmp_path / "hf"), tmp_path / "mlx")
     assert no_folder_left(tmp_path)
 

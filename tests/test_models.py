@@ -83,29 +83,36 @@ def test_other_architectures_are_refused():
         model_type="gpt2", n_ctx=64, n_embd=32, n_head=2, n_layer=1, n_positions=64,
         layer_norm_epsilon=1e-5, vocab_size=50,
     )
-    with pytest.raises(ConfigError, match="model type 'gpt2' is not supported"):
+    with pytest.raises(
+        ConfigError,
+        match="model type 'gpt2' is not supported by LongHeads: use one of llama, mistral, qwen2, qwen3",
+    ):
         apply_longheads(gpt2.Model(args), CONFIG)
 
 
 def test_dynamic_ntk_rope_is_refused():
     model = tiny_model("llama", rope_scaling={"type": "dynamic", "factor": 2.0})
-    with pytest.raises(ConfigError, match="rope scaling 'dynamic' is not supported"):
+    with pytest.raises(ConfigError) as refused:
         apply_longheads(model, CONFIG)
+    assert "rope scaling 'dynamic' is not supported" in str(refused.value)
+    assert "use one of default, linear, llama3, yarn" in str(refused.value)
 
 
 @pytest.mark.parametrize(
-    "config, message",
+    "config, rule, fix",
     [
-        (LongHeadsConfig(8, 512), "exceeds the model's trained length 256"),
-        (LongHeadsConfig(24, 64), "must be a multiple of chunk_size"),
-        (LongHeadsConfig(32, 96), "at least 4 are needed"),
-        (LongHeadsConfig(8, 64, selection="head"), "selection must be"),
-        (LongHeadsConfig(8, 64, prefill="fast"), "prefill must be"),
+        (LongHeadsConfig(8, 512), "exceeds the model's trained length 256", "use at most 256"),
+        (LongHeadsConfig(24, 64), "must be a multiple of chunk_size 24", "choose a chunk_size that divides it"),
+        (LongHeadsConfig(32, 96), "at least 4 are needed", "lower chunk_size or raise attention_length"),
+        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'query_head' or 'kv_head'"),
+        (LongHeadsConfig(8, 64, prefill="fast"), "prefill must be", "'grouped' or 'exact'"),
     ],
 )
-def test_invalid_configurations_fail_at_load_time(config, message):
-    with pytest.raises(ConfigError, match=message):
+def test_invalid_configurations_fail_at_load_time(config, rule, fix):
+    """Each message names the broken rule and the way to fix it."""
+    with pytest.raises(ConfigError) as refused:
         apply_longheads(tiny_model("llama"), config)
+    assert rule in str(refused.value) and fix in str(refused.value)
 
 
 def test_defaults_come_from_the_trained_length():
