@@ -1,0 +1,429 @@
+"""`python -m mlx_longheads.eval`: LongHeads against stock and sliding-window attention
+on the same long-context prompts (passkey, needle, multikey, multivalue, aggregation,
+perplexity), resumable, with a markdown table and plots.
+
+  python -m mlx_longheads.eval passkey --lengths 4k,8k,16k --samples 5 \\
+      --methods longheads,full,window
+  python -m mlx_longheads.eval needle --methods "longheads:L=2048,w=128,sel=kv_head"
+  python -m mlx_longheads.eval report            # table and plots from the results only
+
+Results: one JSON-lines file per (task, method) under --output, one line per finished
+sample; a rerun skips the samples already there, so an interrupted run loses at most
+the sample in progress.
+"""
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
+
+from . import longheads
+from .cli import exit_on_bad_input
+from .config import LongHeadsConfig
+from .eval_report import TASK_ORDER, length_label, results_path, write_report
+from .generation import parse_context_length, stream_generate
+from .load import load
+from .tasks import make_sample, perplexity_text
+
+PREFILL_STEP = 2048  # mlx-lm's prefill step; perplexity calls the model in these blocks
+KEPT_TOKENS = 4  # attention sinks kept by the window's rotating cache, as mlx-lm keeps
+DEFAULT_FORCED = "first+prev"
+SCORES = ("raw", "rotated")
+FORCED = (DEFAULT_FORCED, "first", "prev")
+METHOD_HELP = (
+    "longheads[:L=..,w=..,sel=query_head|kv_head,prefill=grouped|exact,"
+    "score=raw|rotated,forced=first+prev|first|prev], full, window[:L=..], "
+    "or the presets baselines and ablation"
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One way to attend. score and forced are ablations of LongHeads' selection that
+    the library has no option for; `selection_variant` applies them."""
+
+    kind: str  # "longheads", "full" or "window"
+    config: Optional[LongHeadsConfig] = None  # resolved; longheads only
+    window: Optional[int] = None  # tokens the rotating cache keeps; window only
+    score: str = "raw"  # the query the chunk score uses: raw (the paper) or R(q, w)
+    forced: str = DEFAULT_FORCED  # chunks every head keeps besides its own
+
+    @property
+    def name(self) -> str:
+        """Canonical: two spellings of one method share one results file."""
+        if self.kind == "full":
+            return "full"
+        if self.kind == "window":
+            return f"window:L={self.window}"
+        c = self.config
+        name = f"longheads:L={c.attention_length},w={c.chunk_size},sel={c.selection},prefill={c.prefill}"
+        if self.score != "raw":
+            name += f",score={self.score}"
+        if self.forced != DEFAULT_FORCED:
+            name += f",forced={self.forced}"
+        return name
+
+
+def whole_number(method: str, key: str, value: str) -> int:
+    if not value.isdigit() or int(value) == 0:
+        raise ValueError(f"method {method!r}: {key} must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def parse_method(text: str, flags: LongHeadsConfig, trained_length: int) -> Method:
+    """'longheads:L=2048,w=128' etc.; what a name leaves out comes from the flags."""
+    kind, _, rest = text.strip().partition(":")
+    allowed = {"full": (), "window": ("L",), "longheads": ("L", "w", "sel", "prefill", "score", "forced")}
+    if kind not in allowed:
+        raise ValueError(f"unknown method {text!r}: use {METHOD_HELP}")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or key.strip() not in allowed[kind]:
+            raise ValueError(
+                f"method {text!r}: {item!r} is not one of {', '.join(k + '=' for k in allowed[kind]) or 'nothing'}"
+            )
+        options[key.strip()] = value.strip()
+    if kind == "full":
+        return Method("full")
+    default_length = flags.resolve(trained_length).attention_length
+    if kind == "window":
+        return Method("window", window=whole_number(text, "L", options.get("L", str(default_length))))
+    config = flags
+    if "L" in options:
+        config = replace(config, attention_length=whole_number(text, "L", options["L"]))
+    if "w" in options:
+        config = replace(config, chunk_size=whole_number(text, "w", options["w"]))
+    config = replace(
+        config, selection=options.get("sel", config.selection), prefill=options.get("prefill", config.prefill)
+    ).resolve(trained_length)
+    score, forced = options.get("score", "raw"), options.get("forced", DEFAULT_FORCED)
+    if score not in SCORES or forced not in FORCED:
+        raise ValueError(f"method {text!r}: score is one of {SCORES}, forced one of {FORCED}")
+    return Method("longheads", config, score=score, forced=forced)
+
+
+def presets(trained_length: int) -> Dict[str, List[str]]:
+    """baselines: issue #5 part 3; ablation: part 4. Lengths are fractions of the
+    trained length, rounded to a multiple of every chunk size used."""
+    fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
+    quarter, three_quarters = fraction(0.25), fraction(0.75)
+    return {
+        "baselines": [
+            "full", "window", "longheads", "longheads:sel=kv_head", "longheads:prefill=exact",
+            f"longheads:L={quarter}", f"longheads:L={three_quarters}", "longheads:w=128",
+        ],
+        "ablation": [
+            f"longheads:L={quarter}", "longheads", f"longheads:L={three_quarters}",
+            "longheads:w=64", "longheads:w=128", "longheads:w=256",
+            "longheads:prefill=exact", "longheads:sel=kv_head", "longheads:score=rotated",
+            "longheads:forced=first", "longheads:forced=prev",
+        ],
+    }
+
+
+def parse_methods(text: str, flags: LongHeadsConfig, trained_length: int) -> List[Method]:
+    names = []
+    for part in split_methods(text):
+        names += presets(trained_length).get(part, [part])
+    methods = {}
+    for name in names:
+        method = parse_method(name, flags, trained_length)
+        methods.setdefault(method.name, method)
+    return list(methods.values())
+
+
+def split_methods(text: str) -> List[str]:
+    """'longheads:L=2048,w=128,full,window' -> the three methods (a comma followed by
+    key=value continues the method before it)."""
+    parts: List[str] = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        if "=" in item and ":" not in item and parts:
+            parts[-1] += "," + item
+        else:
+            parts.append(item)
+    return parts
+
+
+def parse_lengths(text: str) -> List[int]:
+    try:
+        return sorted({parse_context_length(s) for s in text.split(",") if s.strip()})
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--lengths: {e}")
+
+
+def parse_tasks(text: str) -> List[str]:
+    tasks = TASK_ORDER if text == "all" else [t.strip() for t in text.split(",")]
+    unknown = [t for t in tasks if t not in TASK_ORDER]
+    if unknown:
+        raise ValueError(f"unknown task {unknown[0]!r}: use {', '.join(TASK_ORDER)}, all or report")
+    return tasks
+
+
+@contextmanager
+def selection_variant(method: Method, model: nn.Module) -> Iterator[None]:
+    """The scoring-space and forced-chunk ablations, through the library's public
+    `longheads.select_chunks` (wrapped while the method runs, restored after).
+
+    score=rotated scores with R(q, w), the query placed right after the chunk, instead
+    of the raw query against the representation (which pools keys rotated by their
+    offset inside the chunk). forced=first / prev keeps only the first / previous
+    chunk besides the own one and retrieves one chunk more; the dropped chunk is not
+    a candidate either (the library retrieves from chunks 1 .. own-2 only).
+    """
+    if method.score == "raw" and method.forced == DEFAULT_FORCED:
+        yield
+        return
+    original = longheads.select_chunks
+    rope, w = model.layers[0].self_attn.rope, method.config.chunk_size
+
+    def select(query_sums, representations, own, k, n_kv_heads=None):
+        if method.score == "rotated":
+            query_sums = rope(query_sums[..., None, :], offset=w)[..., 0, :]
+        if method.forced == DEFAULT_FORCED:
+            return original(query_sums, representations, own, k, n_kv_heads)
+        # [0, top_(k-2), own-1, own]; drop chunk 0 or own-1 to keep k slots in order.
+        slots = original(query_sums, representations, own, k + 1, n_kv_heads)
+        drop = 0 if method.forced == "prev" else k - 1
+        return mx.concatenate([slots[..., :drop], slots[..., drop + 1 :]], axis=-1)
+
+    longheads.select_chunks = select
+    try:
+        yield
+    finally:
+        longheads.select_chunks = original
+
+
+class Progress:
+    """One status line on stderr: samples done of the run, the current sample's prefill."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.done, self.stream = total, 0, stream
+
+    def write(self, text: str, end: str = "") -> None:
+        self.stream.write(f"\r[{self.done}/{self.total}] {text}".ljust(100) + end)
+        self.stream.flush()
+
+    def prefill(self, label: str) -> Callable[[int, int], None]:
+        start = time.perf_counter()
+
+        def show(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - start
+            rate = done / elapsed if elapsed > 0 else 0.0
+            left = f", {(total - done) / rate:,.0f}s left" if rate > 0 else ""
+            self.write(f"{label}: prefill {done}/{total} tokens, {rate:,.1f} tok/s{left}")
+
+        return show
+
+    def finished(self, label: str, summary: str) -> None:
+        self.done += 1
+        self.write(f"{label}: {summary}", end="\n")
+
+
+def answer_question(
+    model: nn.Module, tokenizer, prompt: List[int], max_tokens: int, cache, progress
+) -> Tuple[str, float]:
+    """The greedy answer and the prefill seconds (until the first token)."""
+    text, prefill_s = "", 0.0
+    for response in stream_generate(
+        model, tokenizer, prompt, max_tokens, prompt_cache=cache, prompt_progress_callback=progress
+    ):
+        text += response.text
+        prefill_s = response.prompt_tokens / response.prompt_tps
+    return text, prefill_s
+
+
+def position_buckets(n: int) -> List[Tuple[int, int]]:
+    """[0, 1k), [1k, 2k), [2k, 4k), ... doubling past n."""
+    edges = [0, 1024]
+    while edges[-1] < n:
+        edges.append(edges[-1] * 2)
+    return list(zip(edges, edges[1:]))
+
+
+def token_nll(model: nn.Module, tokens: List[int], cache, progress) -> List[float]:
+    """-log p(token i | tokens < i) for i = 1..n-1, the model called in PREFILL_STEP blocks."""
+    inputs, targets = tokens[:-1], tokens[1:]
+    nll: List[float] = []
+    progress(0, len(inputs))
+    for start in range(0, len(inputs), PREFILL_STEP):
+        block = mx.array(inputs[start : start + PREFILL_STEP])[None]
+        logits = model(block, cache=cache)[0].astype(mx.float32)
+        target = mx.array(targets[start : start + PREFILL_STEP])[:, None]
+        picked = mx.take_along_axis(logits, target, axis=-1)[:, 0]
+        block_nll = mx.logsumexp(logits, axis=-1) - picked
+        mx.eval(block_nll, [c.state for c in cache])
+        nll += block_nll.tolist()
+        mx.clear_cache()
+        progress(min(start + PREFILL_STEP, len(inputs)), len(inputs))
+    return nll
+
+
+def make_cache(model: nn.Module, method: Method) -> list:
+    """window: mlx-lm's rotating cache built per layer, because make_prompt_cache (and
+    generate_step's max_kv_size) ignore the size for models with their own make_cache,
+    llama among them (mlx-lm 0.32.2)."""
+    if method.kind == "window":
+        return [RotatingKVCache(method.window, keep=KEPT_TOKENS) for _ in model.layers]
+    return make_prompt_cache(model)
+
+
+def perplexity_record(model, tokenizer, cache, n: int, index: int, seed: int, progress) -> dict:
+    tic = time.perf_counter()
+    tokens, repeats_at = perplexity_text(tokenizer, n, index, seed)
+    nll = token_nll(model, tokens, cache, progress)
+    buckets = []  # [first position, end, summed loss, count]; position p's loss is nll[p - 1]
+    for lo, hi in position_buckets(len(tokens)):
+        part = nll[max(lo, 1) - 1 : hi - 1]
+        if part:
+            buckets.append([lo, hi, sum(part), len(part)])
+    seconds = round(time.perf_counter() - tic, 2)
+    return dict(
+        tokens=len(tokens), repeats_at=repeats_at, buckets=buckets, nll=sum(nll) / len(nll),
+        prefill_s=seconds, total_s=seconds,
+    )
+
+
+def question_record(task: str, model, tokenizer, cache, n: int, index: int, seed: int, progress) -> dict:
+    tic = time.perf_counter()
+    sample = make_sample(task, tokenizer, n, index, seed)
+    prompt = tokenizer.encode(sample.prompt)
+    answer, prefill_s = answer_question(model, tokenizer, prompt, sample.max_tokens, cache, progress)
+    return dict(
+        tokens=len(prompt), expected=list(sample.expected), depths=[round(d, 4) for d in sample.depths],
+        params=sample.params, answer=answer, score=sample.score(answer),
+        prefill_s=round(prefill_s, 2), total_s=round(time.perf_counter() - tic, 2),
+    )
+
+
+def run_sample(task: str, model, tokenizer, method: Method, n: int, index: int, seed: int, progress) -> dict:
+    """Run one sample; the fields of its results line that depend on the method."""
+    cache = make_cache(model, method)
+    if task == "perplexity":
+        return perplexity_record(model, tokenizer, cache, n, index, seed, progress)
+    return question_record(task, model, tokenizer, cache, n, index, seed, progress)
+
+
+def read_done(path: Path, identity: dict) -> Tuple[Set[Tuple[int, int]], Set[Tuple[int, int]]]:
+    """(length, index) of the finished and of the skipped samples in a results file.
+
+    A line cut off by an interrupted write is dropped; results of another model or
+    seed stop the run rather than mix.
+    """
+    if not path.exists():
+        return set(), set()
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text)
+    done, skipped = set(), set()
+    for line in text.splitlines():
+        record = json.loads(line)
+        for key, value in identity.items():
+            if record.get(key) != value:
+                raise ValueError(
+                    f"{path} holds results with {key}={record.get(key)!r}, not {value!r}: "
+                    "use another --output"
+                )
+        (skipped if "skipped" in record else done).add((record["length"], record["index"]))
+    return done, skipped - done
+
+
+@contextmanager
+def method_model(method: Method, model_name: Optional[str], stock: nn.Module) -> Iterator[nn.Module]:
+    """The model a method runs on: the stock one, or a LongHeads one loaded for it."""
+    if method.kind != "longheads":
+        yield stock
+        return
+    model, _ = load(model_name, longheads=method.config)
+    with selection_variant(method, model):
+        yield model
+
+
+def evaluate(args) -> None:
+    output = Path(args.output)
+    if args.task == "report":
+        print(write_report(output))
+        return
+    tasks = parse_tasks(args.task)
+    lengths = parse_lengths(args.lengths)
+    max_full = parse_lengths(args.max_length_full)[0]
+    if args.samples < 1:
+        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    stock, tokenizer = load(args.model, longheads=None)
+    trained = stock.args.max_position_embeddings
+    flags = LongHeadsConfig(args.chunk_size, args.attention_length, args.selection, args.prefill)
+    methods = parse_methods(args.methods, flags, trained)
+
+    jobs = []
+    for task in tasks:
+        for method in methods:
+            identity = dict(task=task, method=method.name, model=args.model or "default", seed=args.seed)
+            path = results_path(output, task, method.name)
+            done, skipped = read_done(path, identity)
+            todo = [
+                (n, i) for n in lengths for i in range(args.samples)
+                if (n, i) not in done
+                and not (method.kind == "full" and n > max_full and (n, i) in skipped)
+            ]
+            jobs.append((task, method, identity, path, todo))
+    progress = Progress(sum(len(todo) for *_, todo in jobs))
+    for task, method, identity, path, todo in jobs:
+        if not todo:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with method_model(method, args.model, stock) as model, path.open("a") as results:
+            for n, index in todo:
+                label = f"{task} {method.name} {length_label(n)} #{index}"
+                record = dict(identity, trained_length=trained, length=n, index=index)
+                if method.kind == "full" and n > max_full:
+                    record["skipped"] = f"full attention beyond --max-length-full {length_label(max_full)}"
+                    progress.finished(label, "skipped")
+                else:
+                    record.update(run_sample(
+                        task, model, tokenizer, method, n, index, args.seed, progress.prefill(label)
+                    ))
+                    summary = f"nll {record['nll']:.3f}" if task == "perplexity" else (
+                        f"score {record['score']:.2f}, answer {record['answer']!r}"
+                    )
+                    progress.finished(label, f"{summary}, {record['total_s']:.0f}s")
+                results.write(json.dumps(record) + "\n")
+                results.flush()
+    print(write_report(output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_longheads.eval",
+        description="Long-context evaluation of LongHeads against stock and sliding-window attention."
+    )
+    parser.add_argument("task", help=f"{', '.join(TASK_ORDER)} (comma-separated), all, or report (table and plots from --output only)")
+    parser.add_argument("--model", default=None, help="as for mlx_longheads.generate; default: the embedded SmolLM2-135M-Instruct")
+    parser.add_argument("--lengths", default="4k,8k,16k,32k,64k,128k", help="prompt lengths in tokens, e.g. 4k,8k,16k")
+    parser.add_argument("--samples", type=int, default=5, help="samples per length (needle: 11 fill one depth column)")
+    parser.add_argument("--methods", default="longheads,full,window", help=METHOD_HELP)
+    parser.add_argument("--output", default="results/eval", help="results folder (resumed if it exists)")
+    parser.add_argument("--seed", type=int, default=0, help="the samples' seed; every method gets the same samples")
+    parser.add_argument("--max-length-full", default="32k", help="longest prompt run with full attention; longer ones are recorded as skipped")
+    parser.add_argument("--chunk-size", type=int, default=None, help="LongHeads default for methods that do not set w=")
+    parser.add_argument("--attention-length", type=int, default=None, help="LongHeads default for L= (and the window's length)")
+    parser.add_argument("--selection", choices=["query_head", "kv_head"], default="query_head")
+    parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    exit_on_bad_input(lambda: evaluate(args))
+
+
+if __name__ == "__main__":
+    main()
