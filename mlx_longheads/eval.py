@@ -408,7 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("task", help=f"{', '.join(TASK_ORDER)} (comma-separated), all, or report (table and plots from --output only)")
     parser.add_argument("--model", default=None, help="as for mlx_longheads.generate; default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--lengths", default="4k,8k,16k,32k,64k,128k", help="prompt lengths in tokens, e.g. 4k,8k,16k")
-    parser.add_argument("--samples", type=int, default=5, help="samples per length (needle: 11 fill one depth column)")
+    parser.add_argument("--samples", type=int, default=5, help="samples per length (needle: 3 give depths 0, 50, 100%%; 11 fill its depth grid)")
     parser.add_argument("--methods", default="longheads,full,window", help=METHOD_HELP)
     parser.add_argument("--output", default="results/eval", help="results folder (resumed if it exists)")
     parser.add_argument("--seed", type=int, default=0, help="the samples' seed; every method gets the same samples")

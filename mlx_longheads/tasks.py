@@ -21,8 +21,9 @@ from .passkey import random_passkey
 CORPUS = "\n\n".join(topics[name] for name in sorted(topics))
 
 # Needle depths of the depth x length heatmap: sample i sits at NEEDLE_DEPTHS[i % 11],
-# so 11 samples fill one column, and sample i is the same whatever the sample count.
-NEEDLE_DEPTHS = tuple(i / 10 for i in range(11))
+# so 11 samples fill one column and sample i is the same whatever the sample count.
+# The order spreads the first few: 3 samples give 0%, 50%, 100%; 5 add 20% and 80%.
+NEEDLE_DEPTHS = tuple(d / 10 for d in (0, 5, 10, 2, 8, 4, 6, 1, 9, 3, 7))
 
 KEYS = (
     "Lima", "Oslo", "Nairobi", "Hanoi", "Quito", "Dublin", "Lisbon", "Kyoto", "Cairo",
