@@ -21,8 +21,9 @@ class Passkey:
     depth: float  # where the key line sits, 0 (start) to 1 (end)
 
     def is_correct(self, answer: str) -> bool:
-        """Correct when the greedy answer starts with the key."""
-        return answer.strip().startswith(str(self.key))
+        """Correct when the greedy answer starts with the key as a whole number."""
+        answer = answer.strip()
+        return answer.startswith(str(self.key)) and not answer[len(str(self.key)) :][:1].isdigit()
 
 
 def passkey_prompt(tokenizer, n_tokens: int, depth: float, key: int) -> Passkey:
