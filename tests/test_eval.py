@@ -60,8 +60,7 @@ def test_scoring_accepts_the_answer_and_rejects_others(tokenizer):
         right = sample.expected[0]
         assert sample.score(f" {right}. Remember it.") == 1.0
         assert sample.score(" 12.") == 0.0
-        if task != "passkey":  # passkey.py's rule: the answer starts with the key
-            assert sample.score(f" {right}7.") == 0.0  # a longer number is not the number
+        assert sample.score(f" {right}7.") == 0.0  # a longer number is not the number
     multivalue = make_sample("multivalue", tokenizer, 1024, index=0)
     values = multivalue.expected
     assert multivalue.score(f" {values[0]}, {values[2]} and 5.") == 0.5
