@@ -125,6 +125,16 @@ def model_shapes(model: nn.Module) -> dict:
     )
 
 
+def prefill_times(caches, context: int, block: Callable[[], mx.array], args) -> List[float]:
+    """Seconds of --prefill-repeats prefill blocks, each appended at `context`."""
+    times = []
+    for _ in range(args.prefill_repeats):
+        for cache in caches:
+            cache.offset = context
+        times.append(timed(block))
+    return times
+
+
 def bench_model_at(model, shapes, context: int, args, prefill: bool) -> dict:
     """Decode steps, then a prefill block, both appended at `context`."""
     caches = make_prompt_cache(model)
@@ -145,10 +155,8 @@ def bench_model_at(model, shapes, context: int, args, prefill: bool) -> dict:
         peak_decode_bytes=mx.get_peak_memory(),
     )
     if prefill:
-        for cache in caches:
-            cache.offset = context
         mx.reset_peak_memory()
-        seconds = timed(lambda: step(args.prefill_block))
+        seconds = statistics.median(prefill_times(caches, context, lambda: step(args.prefill_block), args))
         row.update(
             prefill_tokens=args.prefill_block,
             prefill_seconds=seconds,
@@ -212,6 +220,7 @@ def model_bench(args) -> dict:
         longheads=asdict(config),
         decode_steps=args.decode_steps,
         prefill_block=args.prefill_block,
+        prefill_repeats=args.prefill_repeats,
         fill=f"random keys/values (and representations): one {FILL_TOKENS}-token random block repeated",
         results=rows,
     )
@@ -277,18 +286,19 @@ def kernel_bench(args) -> dict:
             release()
             log(f"{context:>7} {method}: kernel decode" + (" and prefill" if prefill else ""))
 
-            def at_context(tokens: int) -> float:
+            def decode_step() -> float:
                 cache.offset = context
-                q, k, v = inputs(tokens)
+                q, k, v = inputs(1)
                 return timed(lambda: attend(q, k, v))
 
-            times = [at_context(1) for _ in range(args.decode_steps + 1)][1:]
+            times = [decode_step() for _ in range(args.decode_steps + 1)][1:]
             byte_config = config or LongHeadsConfig().resolve(shape["trained_length"])
             row = dict(context=context, method=method, decode_ms=1000 * statistics.median(times))
             row["decode_bytes"] = kernel_bytes(method, shape, byte_config, context, 1)
             row["decode_gb_per_s"] = row["decode_bytes"] / (row["decode_ms"] / 1000) / 1e9
             if prefill:
-                seconds = at_context(args.prefill_block)
+                q, k, v = inputs(args.prefill_block)
+                seconds = statistics.median(prefill_times([cache], context, lambda: attend(q, k, v), args))
                 row.update(prefill_tokens=args.prefill_block, prefill_seconds=seconds,
                            prefill_tokens_per_s=args.prefill_block / seconds)
                 row["prefill_bytes"] = kernel_bytes(method, shape, byte_config, context, args.prefill_block)
@@ -307,6 +317,7 @@ def kernel_bench(args) -> dict:
         read_bandwidth_gb_per_s=bandwidth,
         decode_steps=args.decode_steps,
         prefill_block=args.prefill_block,
+        prefill_repeats=args.prefill_repeats,
         fill=f"random keys/values (and representations): one {FILL_TOKENS}-token random block repeated",
         results=rows,
     )
@@ -375,8 +386,9 @@ def markdown(report: dict, command: str) -> str:
         f"Machine: {report['machine']['platform']}, {report['machine']['processor']}, "
         f"{report['machine']['device']}, MLX {report['machine']['mlx']}, mlx-lm {report['machine']['mlx_lm']}. "
         "Methods took turns at each context, in one run.",
-        f"Caches: {report['fill']}, then {report['decode_steps']} single-token decode steps (median) and one "
-        f"{report['prefill_block']}-token prefill block appended at the context.",
+        f"Caches: {report['fill']}, then {report['decode_steps']} single-token decode steps (median) and "
+        f"{report['prefill_block']}-token prefill blocks appended at the context "
+        f"(median of {report['prefill_repeats']}).",
         f"LongHeads: {report['longheads']}; `longheads-kv` selects per KV head.",
     ]
     if report["kind"] == "model":
@@ -463,6 +475,7 @@ def parse_args(argv=None):
     parser.add_argument("--model", default=None, help="model level: model to load (default: embedded)")
     parser.add_argument("--decode-steps", type=int, default=5)
     parser.add_argument("--prefill-block", type=int, default=512)
+    parser.add_argument("--prefill-repeats", type=int, default=1, help="prefill blocks timed (median)")
     parser.add_argument("--full-max", type=parse_context_length, default="1m",
                         help="largest context for full attention (also limited by memory)")
     parser.add_argument("--full-prefill-max", type=parse_context_length, default="32k",
