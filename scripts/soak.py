@@ -15,6 +15,7 @@ import argparse
 import json
 import random
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def rss_bytes() -> int:
     return 0
 
 
+def commit() -> str:
+    """The git commit the run's code came from (the soak takes over an hour)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def check_caches(caches) -> str:
     """Raise if a cache is inconsistent; describe it otherwise."""
     for layer, cache in enumerate(caches):
@@ -54,31 +65,29 @@ def check_caches(caches) -> str:
 
 
 def plot(records, path: Path) -> None:
+    """Prefill speed, decode time per token and memory, each against the context."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    decode = [r for r in records if r["phase"] == "decode"]
-    prefill = [r for r in records if r["phase"] == "prefill"]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 7), sharex=True)
-    top.plot([r["context"] for r in decode], [1000 * r["seconds"] for r in decode], ".", ms=2)
-    top.set_ylabel("decode ms / token")
-    top2 = top.twinx()
-    top2.plot(
-        [r["context"] for r in prefill],
-        [r["tokens"] / r["seconds"] for r in prefill],
-        "r-",
-    )
-    top2.set_ylabel("prefill tokens/s", color="r")
+    prefill = [r for r in records if r["phase"] == "prefill" and r["tokens"] > 1]
+    decode = [r for r in records if r["phase"] == "decode"][1:]  # the first ends prefill
+    fig, (speed, step, memory) = plt.subplots(1, 3, figsize=(15, 4.2))
+    speed.plot([r["context"] for r in prefill], [r["tokens"] / r["seconds"] for r in prefill], "o-")
+    speed.set(xlabel="context (tokens)", ylabel="tokens/s", title="prefill, per 2048-token step")
+    speed.set_ylim(bottom=0)
+    step.plot([r["context"] for r in decode], [1000 * r["seconds"] for r in decode], ".", ms=2)
+    step.set(xlabel="context (tokens)", ylabel="ms", title="decode, per token")
+    step.set_ylim(bottom=0)
     for key, label in (("cache_bytes", "cache"), ("active_bytes", "MLX active"), ("rss_bytes", "RSS")):
-        bottom.plot([r["context"] for r in records], [r[key] / 1e9 for r in records], label=label)
-    bottom.set_ylabel("GB")
-    bottom.set_xlabel("context (tokens)")
-    bottom.legend()
-    top.set_title("Soak: SmolLM2-135M with LongHeads, one run")
+        memory.plot([r["context"] for r in records], [r[key] / 1e9 for r in records], label=label)
+    memory.set(xlabel="context (tokens)", ylabel="GB", title="memory")
+    memory.set_ylim(bottom=0)
+    memory.legend()
+    fig.suptitle("Soak: SmolLM2-135M with LongHeads, one run")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
 
 
 def main():
@@ -88,7 +97,12 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=1536)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("results/soak_64k"))
+    parser.add_argument("--replot", action="store_true", help="redraw the PNG from the log only")
     args = parser.parse_args()
+    if args.replot:
+        records = [json.loads(line) for line in args.output.with_suffix(".jsonl").open()]
+        plot(records, args.output.with_suffix(".png"))
+        return
 
     model, tokenizer = load(args.model, LongHeadsConfig(), args.prompt_tokens + args.max_tokens)
     config = longheads_config(model)
@@ -158,6 +172,7 @@ def main():
         f"--max-tokens {args.max_tokens} --seed {args.seed} --output {args.output}`",
         f"(log: `{args.output.with_suffix('.jsonl').name}`, plot: `{args.output.with_suffix('.png').name}`)",
         "",
+        f"- Code: commit {commit()}",
         f"- Model: embedded SmolLM2-135M, device {mx.default_device()}, config {config}",
         f"- Final context: {len(prompt) + args.max_tokens} tokens; total {total_s / 60:.1f} min",
         f"- Cache check at the end: {state}; every token's log-probabilities finite",
