@@ -8,7 +8,8 @@ attention what real data would. Then, per method and context:
   decode: median time of single-token steps appended at C (after one warm-up step);
   prefill: tokens/s of one --prefill-block of tokens appended at C;
   memory: MLX's peak during those steps (weights and cache included), next to the
-    weights plus the K/V part of the cache.
+    weights plus the K/V part of the cache (`longheads-q8` stores K/V in 8 bits: on the
+    CPU that is for memory, MLX's CPU quantized matmul being far slower than float32).
 Methods take turns at each context, so a drifting machine load hits them alike.
 
 Kernel level (--kernel): one attention layer at Llama-3-8B shapes (32 query heads,
@@ -42,14 +43,16 @@ from .cache import LongHeadsCache
 from .config import LongHeadsConfig
 from .generation import parse_context_length
 from .longheads import longheads_attention
-from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, weight_bytes
-from .models import apply_longheads
+from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
+from .models import apply_longheads, longheads_config, make_cache
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads": LongHeadsConfig(),  # the default: each query head selects
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
+    "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
 }
+DEFAULT_METHODS = "longheads,longheads-kv,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
 LLAMA3_8B = dict(heads=32, kv_heads=8, head_dim=128, trained_length=8192, rope_base=500000.0)
 
@@ -73,8 +76,10 @@ def fill(cache, context: int, capacity: int, heads: int, kv_heads: int, head_dim
         cache.max_size = capacity
         cache.representations = random_buffer(heads, capacity // w, head_dim, dtype)
         cache.queries = mx.zeros((1, heads, w, head_dim), dtype)
-    cache.keys = random_buffer(kv_heads, capacity, head_dim, dtype)
-    cache.values = random_buffer(kv_heads, capacity, head_dim, dtype)
+    keys, values = (random_buffer(kv_heads, capacity, head_dim, dtype) for _ in range(2))
+    if isinstance(cache, LongHeadsCache):
+        keys, values = cache.encode(keys), cache.encode(values)
+    cache.keys, cache.values = keys, values
     cache.offset = context
     mx.eval(cache.keys, cache.values, getattr(cache, "representations", None))
 
@@ -164,11 +169,10 @@ def bench_model_at(model, shapes, context: int, args, prefill: bool) -> dict:
             peak_prefill_bytes=mx.get_peak_memory(),
         )
     tokens = context + args.decode_steps + 1
-    itemsize = dtype.size
+    element = kv_element_bytes(dtype.size, longheads_config(model))
     row.update(
-        kv_bytes=2 * shapes["layers"] * shapes["kv_heads"] * tokens * shapes["head_dim"] * itemsize,
-        cache_bytes=sum(sum(a.nbytes for a in (c.keys, c.values)) for c in caches)
-        + sum(c.representations.nbytes + c.queries.nbytes for c in caches if isinstance(c, LongHeadsCache)),
+        kv_bytes=2 * shapes["layers"] * shapes["kv_heads"] * tokens * shapes["head_dim"] * element,
+        cache_bytes=sum(c.nbytes for c in caches),
     )
     del caches
     release()
@@ -205,7 +209,7 @@ def model_bench(args) -> dict:
                 + (f", a {args.prefill_block}-token prefill block" if prefill else ""))
             row = dict(context=context, method=method, weights_bytes=weights)
             row.update(bench_model_at(model, shapes, context, args, prefill))
-            peak = max(row["peak_decode_bytes"], row.get("peak_prefill_bytes", 0))
+            peak = row["peak_bytes"] = max(row["peak_decode_bytes"], row.get("peak_prefill_bytes", 0))
             row["peak_over_weights_kv"] = peak / (weights + row["kv_bytes"])
             rows.append(row)
             log(f"{context:>7} {method}: decode {row['decode_ms']:.1f} ms/token"
@@ -236,13 +240,14 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
     LongHeads reads, per group of queries sharing a selection, its window's chunks.
     """
     H, Hk, D, item = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["itemsize"]
-    written = 2 * Hk * tokens * D * item
     if method == "full":
-        return 2 * Hk * (context + tokens) * D * item + written
+        return 2 * Hk * (context + 2 * tokens) * D * item
+    kv_item = kv_element_bytes(item, config)
+    written = 2 * Hk * tokens * D * kv_item
     w, k = config.chunk_size, config.num_chunks
     selecting = H if config.selection == "query_head" else Hk
     groups = -(-tokens // w)
-    window = 2 * selecting * k * w * D * item * groups
+    window = 2 * selecting * k * w * D * kv_item * groups
     representations = H * (context // w) * D * item
     return window + representations + written + H * tokens * D * item  # + queries kept
 
@@ -267,8 +272,8 @@ def kernel_bench(args) -> dict:
             config = METHODS[method]
             prefill = config is not None or context <= args.full_prefill_max
             if config is not None:
-                config = config.resolve(shape["trained_length"])
-                cache = LongHeadsCache(config.chunk_size)
+                config = config.resolve(shape["trained_length"], D)
+                cache = make_cache(config)
 
                 def attend(q, k, v):
                     return longheads_attention(q, k, v, cache, rope, scale, config)
@@ -292,7 +297,7 @@ def kernel_bench(args) -> dict:
                 return timed(lambda: attend(q, k, v))
 
             times = [decode_step() for _ in range(args.decode_steps + 1)][1:]
-            byte_config = config or LongHeadsConfig().resolve(shape["trained_length"])
+            byte_config = config or LongHeadsConfig().resolve(shape["trained_length"], D)
             row = dict(context=context, method=method, decode_ms=1000 * statistics.median(times))
             row["decode_bytes"] = kernel_bytes(method, shape, byte_config, context, 1)
             row["decode_gb_per_s"] = row["decode_bytes"] / (row["decode_ms"] / 1000) / 1e9
@@ -344,7 +349,8 @@ def goals(report: dict) -> List[dict]:
     def ratio(a, b):
         return None if a is None or b is None else a / b
 
-    for method in [m for m in METHODS if m != "full"]:
+    methods = [m for m in METHODS if m in {r["method"] for r in results}]
+    for method in [m for m in methods if m != "full"]:
         for context, target in ((32768, 5), (131072, 15)):
             # Kernel level: the speed-up that moving fewer bytes alone would give.
             bound = ratio(value(results, "full", context, "decode_bytes"), value(results, method, context, "decode_bytes"))
@@ -363,6 +369,14 @@ def goals(report: dict) -> List[dict]:
         if report["kind"] == "model":
             add(f"{method}: peak memory at 128k / (weights + K/V)",
                 value(results, method, 131072, "peak_over_weights_kv"), 1.1, at_least=False)
+    if report["kind"] == "model" and "longheads-q8" in methods:
+        # What 8-bit K/V saves at 128k: its bytes, and the measured peak above the weights.
+        weights = report["weights_bytes"]
+        for key, what, base in (("kv_bytes", "K/V bytes", 0), ("peak_bytes", "peak memory above the weights", weights)):
+            q8, unquantized = (value(results, m, 131072, key) for m in ("longheads-q8", "longheads"))
+            add(f"longheads-q8: {what} at 128k / longheads'",
+                None if q8 is None or unquantized is None else (q8 - base) / (unquantized - base),
+                0.5, at_least=False)
     return out
 
 
@@ -389,7 +403,8 @@ def markdown(report: dict, command: str) -> str:
         f"Caches: {report['fill']}, then {report['decode_steps']} single-token decode steps (median) and "
         f"{report['prefill_block']}-token prefill blocks appended at the context "
         f"(median of {report['prefill_repeats']}).",
-        f"LongHeads: {report['longheads']}; `longheads-kv` selects per KV head.",
+        f"LongHeads: {report['longheads']}; `longheads-kv` selects per KV head; "
+        "`longheads-q8` stores keys and values in 8 bits (kv_bits=8).",
     ]
     if report["kind"] == "model":
         s = report["shapes"]
@@ -471,7 +486,8 @@ def parse_args(argv=None):
     parser.add_argument("--kernel", action="store_true", help="one attention layer at Llama-3-8B shapes")
     parser.add_argument("--contexts", default="4k,8k,16k,32k,64k,128k",
                         type=lambda s: [parse_context_length(c) for c in s.split(",")])
-    parser.add_argument("--methods", default=",".join(METHODS), type=lambda s: s.split(","))
+    parser.add_argument("--methods", default=DEFAULT_METHODS, type=lambda s: s.split(","),
+                        help=f"from {', '.join(METHODS)} (default {DEFAULT_METHODS})")
     parser.add_argument("--model", default=None, help="model level: model to load (default: embedded)")
     parser.add_argument("--decode-steps", type=int, default=5)
     parser.add_argument("--prefill-block", type=int, default=512)

@@ -4,27 +4,42 @@ Per layer it stores the keys rotated by their offset inside their chunk (the que
 rotated for the window slot a chunk lands in, so a key can sit in any slot), the
 values, one representation per complete chunk and query head, and the raw queries of
 the current incomplete chunk only (they are needed to compute that chunk's
-representation once it completes). Buffers grow in whole chunks, by at least 2048
-tokens and an eighth of their size, so appending is amortised O(1) per token and the
-spare room of a large cache stays under about 12.5%.
+representation once it completes). With `bits`, keys and values are stored quantized
+along the head dim (packed uint32, scales and biases, as mlx-lm's QuantizedKVCache)
+from the first token on; representations and queries stay float. Buffers grow in
+whole chunks, by at least 2048 tokens and an eighth of their size, so appending is
+amortised O(1) per token and the spare room of a large cache stays under about 12.5%.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import mlx.core as mx
+from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import _BaseCache
 
 MIN_GROWTH = 2048
 
+# A K/V buffer: float [B, Hk, capacity, D], or quantized (packed, scales, biases).
+Buffer = Union[mx.array, Tuple[mx.array, mx.array, mx.array]]
+
 
 class LongHeadsCache(_BaseCache):
-    def __init__(self, chunk_size: int, max_size: Optional[int] = None):
-        """max_size: tokens to allocate at once (for example the CLI's max-context)."""
+    def __init__(
+        self,
+        chunk_size: int,
+        max_size: Optional[int] = None,
+        bits: Optional[int] = None,
+        group_size: Optional[int] = 64,
+    ):
+        """max_size: tokens to allocate at once (for example the CLI's max-context).
+        bits, group_size: quantize keys and values (None: keep the float dtype)."""
         self.chunk_size = chunk_size
         self.max_size = max_size
-        self.keys: Optional[mx.array] = None  # [B, Hk, capacity, D], R(k_i, i mod w)
-        self.values: Optional[mx.array] = None  # [B, Hk, capacity, Dv]
+        self.bits = bits
+        self.group_size = group_size
+        self.keys: Optional[Buffer] = None  # [B, Hk, capacity, D], R(k_i, i mod w)
+        self.values: Optional[Buffer] = None  # [B, Hk, capacity, Dv]
         self.representations: Optional[mx.array] = None  # [B, H, capacity / w, D]
         self.queries: Optional[mx.array] = None  # [B, H, w, D]: the incomplete chunk's
         self.offset = 0
@@ -33,9 +48,35 @@ class LongHeadsCache(_BaseCache):
     def complete_chunks(self) -> int:
         return self.offset // self.chunk_size
 
-    def _grow(self, needed: int, queries: mx.array, keys: mx.array, values: mx.array):
+    @property
+    def capacity(self) -> int:
+        """Tokens the buffers have room for."""
+        return 0 if self.keys is None else tree_flatten(self.keys)[0][1].shape[2]
+
+    @property
+    def kv_heads(self) -> int:
+        return tree_flatten(self.keys)[0][1].shape[1]
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The float dtype keys and values are read in (quantized: their scales')."""
+        return tree_flatten(self.keys)[-1][1].dtype
+
+    def encode(self, x: mx.array) -> Buffer:
+        """Keys or values [B, Hk, T, D] as stored."""
+        if self.bits is None:
+            return x
+        return tuple(mx.quantize(x, group_size=self.group_size, bits=self.bits))
+
+    def decode(self, x: Buffer) -> mx.array:
+        """Stored keys or values back in float."""
+        if self.bits is None:
+            return x
+        return mx.dequantize(*x, group_size=self.group_size, bits=self.bits)
+
+    def _grow(self, needed: int, queries: mx.array, keys: Buffer, values: Buffer):
         w = self.chunk_size
-        capacity = 0 if self.keys is None else self.keys.shape[2]
+        capacity = self.capacity
         if needed <= capacity:
             return
         if self.max_size is not None and needed <= self.max_size:
@@ -43,25 +84,25 @@ class LongHeadsCache(_BaseCache):
         else:
             new_capacity = max(needed, capacity + max(MIN_GROWTH, capacity // 8))
         new_capacity = -(-new_capacity // w) * w
-        B, Hk, _, D = keys.shape
-        H = queries.shape[1]
+        B, H, _, D = queries.shape
 
-        def extend(buffer: Optional[mx.array], shape, dtype) -> mx.array:
-            fresh = mx.zeros(shape, dtype)
-            if buffer is None:
-                return fresh
-            fresh[:, :, : buffer.shape[2]] = buffer
+        def extend(like: mx.array, buffer: Optional[mx.array], rows: int) -> mx.array:
+            fresh = mx.zeros((*like.shape[:2], rows, like.shape[3]), like.dtype)
+            if buffer is not None:
+                fresh[:, :, : buffer.shape[2]] = buffer
             return fresh
 
-        self.keys = extend(self.keys, (B, Hk, new_capacity, D), keys.dtype)
-        self.values = extend(
-            self.values, (B, Hk, new_capacity, values.shape[3]), values.dtype
-        )
+        def extend_kv(new: Buffer, buffer: Optional[Buffer]) -> Buffer:
+            old = tree_map(lambda _: None, new) if buffer is None else buffer
+            return tree_map(lambda a, b: extend(a, b, new_capacity), new, old)
+
+        self.keys = extend_kv(keys, self.keys)
+        self.values = extend_kv(values, self.values)
         self.representations = extend(
-            self.representations, (B, H, new_capacity // w, D), queries.dtype
+            queries, self.representations, new_capacity // w
         )
         if self.queries is None:
-            self.queries = mx.zeros((B, H, w, queries.shape[3]), queries.dtype)
+            self.queries = mx.zeros((B, H, w, D), queries.dtype)
 
     def append(
         self, queries: mx.array, keys: mx.array, values: mx.array
@@ -70,14 +111,17 @@ class LongHeadsCache(_BaseCache):
 
         The returned arrays are [B, heads, n * w, D] for the n completed chunks, in order,
         or None when no chunk completed. Their representations must be passed to
-        `add_representations` before the next append.
+        `add_representations` before the next append. Quantized keys and values come
+        back dequantized: representations are made of what attention will read.
         """
         w, start = self.chunk_size, self.offset
         T = keys.shape[2]
         end = start + T
+        keys, values = self.encode(keys), self.encode(values)
         self._grow(end, queries, keys, values)
-        self.keys[:, :, start:end] = keys
-        self.values[:, :, start:end] = values
+        stored, new = tree_flatten((self.keys, self.values)), tree_flatten((keys, values))
+        for (_, buffer), (_, part) in zip(stored, new):
+            buffer[:, :, start:end] = part
         self.offset = end
 
         pending = start % w
@@ -93,20 +137,18 @@ class LongHeadsCache(_BaseCache):
         last = first + completed * w
         return (
             chunk_queries[:, :, : completed * w],
-            self.keys[:, :, first:last],
-            self.values[:, :, first:last],
+            *(self.decode(self._rows(b, first, last)) for b in (self.keys, self.values)),
         )
+
+    @staticmethod
+    def _rows(buffer: Buffer, first: int, last: int) -> Buffer:
+        return tree_map(lambda a: a[:, :, first:last], buffer)
 
     def add_representations(self, representations: mx.array) -> None:
         """Store the representations [B, H, n, D] of the n chunks `append` returned."""
         n = representations.shape[2]
         last = self.complete_chunks
         self.representations[:, :, last - n : last] = representations
-
-    def chunked(self, buffer: mx.array) -> mx.array:
-        """View a [B, Hk, capacity, D] buffer as [B, Hk, capacity / w, w, D]."""
-        B, Hk, capacity, D = buffer.shape
-        return buffer.reshape(B, Hk, capacity // self.chunk_size, self.chunk_size, D)
 
     # mlx-lm's cache interface
 
@@ -117,12 +159,14 @@ class LongHeadsCache(_BaseCache):
         w = self.chunk_size
         used = -(-self.offset // w) * w
         return (
-            self.keys[:, :, :used],
-            self.values[:, :, :used],
+            self._rows(self.keys, 0, used),
+            self._rows(self.values, 0, used),
             self.representations[:, :, : self.complete_chunks],
             self.queries,
             self.offset,
             self.chunk_size,
+            self.bits,
+            self.group_size,
         )
 
     @state.setter
@@ -132,10 +176,13 @@ class LongHeadsCache(_BaseCache):
             self.keys = self.values = self.representations = self.queries = None
             self.offset = 0
             return
-        keys, values, representations, queries, self.offset, self.chunk_size = v
-        self.keys, self.values, self.queries = keys, values, queries
+        keys, values, representations, queries = v[:4]
+        self.offset, self.chunk_size, self.bits, self.group_size = v[4:]
+        # A loaded file gives lists where the state had tuples.
+        self.keys, self.values = (tuple(b) if self.bits else b for b in (keys, values))
+        self.queries = queries
         B, H, n, D = representations.shape
-        capacity = keys.shape[2] // self.chunk_size
+        capacity = self.capacity // self.chunk_size
         self.representations = mx.zeros((B, H, capacity, D), representations.dtype)
         self.representations[:, :, :n] = representations
 
@@ -153,20 +200,18 @@ class LongHeadsCache(_BaseCache):
         return None
 
     def to_quantized(self, group_size: int = 64, bits: int = 4):
-        """Refuse rather than let mlx-lm's kv_bits silently do nothing."""
+        """Refuse mlx-lm's kv_bits: LongHeads quantizes from the first token, by its config."""
         raise ValueError(
-            "kv_bits is not supported with LongHeads attention yet: "
-            "drop --kv-bits (or use a more quantized model to save memory)"
+            "mlx-lm's kv_bits does not apply to LongHeads caches: set "
+            "LongHeadsConfig(kv_bits=...) in load() (--kv-bits in the command-line tools)"
         )
 
     @property
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
-        return sum(
-            a.nbytes
-            for a in (self.keys, self.values, self.representations, self.queries)
-        )
+        arrays = (self.keys, self.values, self.representations, self.queries)
+        return sum(a.nbytes for _, a in tree_flatten(arrays))
 
 
 # mlx-lm's load_prompt_cache looks cache classes up by name in its own module.

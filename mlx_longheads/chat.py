@@ -48,11 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temp", type=float, default=0.0)
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--attention-length", type=int, default=None)
+    parser.add_argument("--kv-bits", type=int, default=None, help="store keys and values quantized to 4 or 8 bits, from the first token")
     return parser
 
 
 def chat(args, stdin=sys.stdin) -> None:
-    config = LongHeadsConfig(args.chunk_size, args.attention_length)
+    config = LongHeadsConfig(args.chunk_size, args.attention_length, kv_bits=args.kv_bits)
     model, tokenizer = load(args.model, longheads=config)
     check_memory(model, args.max_context, longheads_config(model))
     cache = make_prompt_cache(model)

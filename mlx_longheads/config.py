@@ -7,6 +7,9 @@ Selection = Literal["query_head", "kv_head"]
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
+KV_BITS = (4, 8)
+KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
+DEFAULT_KV_GROUP_SIZE = 64  # mlx-lm's --kv-group-size default
 
 
 class ConfigError(ValueError):
@@ -25,20 +28,29 @@ class LongHeadsConfig:
       "kv_head" sums the scores of a GQA group and picks once per KV head.
     prefill: "grouped" lets the queries of one chunk within one forward call share a
       selection (one attention call per chunk); "exact" selects per token.
+    kv_bits: store keys and values quantized to 4 or 8 bits (None: the model's float
+      dtype), from the first token on; about a quarter (8 bits) of float32's K/V memory.
+    kv_group_size: elements sharing one scale and bias, along the head dim; None: 64,
+      or the head dim when it is smaller.
     """
 
     chunk_size: Optional[int] = None
     attention_length: Optional[int] = None
     selection: Selection = "query_head"
     prefill: Prefill = "grouped"
+    kv_bits: Optional[int] = None
+    kv_group_size: Optional[int] = None
 
     @property
     def num_chunks(self) -> int:
         """k: chunks one head attends to (first + k-3 retrieved + previous + own)."""
         return self.attention_length // self.chunk_size
 
-    def resolve(self, trained_length: Optional[int]) -> "LongHeadsConfig":
-        """Fill the defaults from the model's trained length and check every rule."""
+    def resolve(
+        self, trained_length: Optional[int], head_dim: Optional[int] = None
+    ) -> "LongHeadsConfig":
+        """Fill the defaults from the model's trained length (and head dim) and check
+        every rule."""
         attention_length = self.attention_length
         if attention_length is None:
             if trained_length is None:
@@ -50,11 +62,19 @@ class LongHeadsConfig:
         chunk_size = self.chunk_size
         if chunk_size is None:
             chunk_size = min(DEFAULT_CHUNK_SIZE, attention_length // 4)
-        config = replace(self, chunk_size=chunk_size, attention_length=attention_length)
-        config.check(trained_length)
+        kv_group_size = self.kv_group_size
+        if kv_group_size is None and self.kv_bits is not None:
+            kv_group_size = min(DEFAULT_KV_GROUP_SIZE, head_dim or DEFAULT_KV_GROUP_SIZE)
+        config = replace(
+            self,
+            chunk_size=chunk_size,
+            attention_length=attention_length,
+            kv_group_size=kv_group_size,
+        )
+        config.check(trained_length, head_dim)
         return config
 
-    def check(self, trained_length: Optional[int]) -> None:
+    def check(self, trained_length: Optional[int], head_dim: Optional[int] = None) -> None:
         w, L = self.chunk_size, self.attention_length
         if w is None or L is None:
             raise ConfigError("chunk_size and attention_length must be set (call resolve)")
@@ -81,3 +101,25 @@ class LongHeadsConfig:
             )
         if self.prefill not in ("grouped", "exact"):
             raise ConfigError(f"prefill must be 'grouped' or 'exact', got {self.prefill!r}")
+        if self.kv_bits is None:
+            if self.kv_group_size is not None:
+                raise ConfigError(
+                    f"kv_group_size {self.kv_group_size} only applies to quantized K/V: "
+                    "set kv_bits too, or drop kv_group_size"
+                )
+            return
+        if self.kv_bits not in KV_BITS:
+            raise ConfigError(
+                f"kv_bits must be one of {KV_BITS} (or None for float K/V), got {self.kv_bits}"
+            )
+        group = self.kv_group_size
+        if group not in KV_GROUP_SIZES:
+            raise ConfigError(
+                f"kv_group_size must be one of {KV_GROUP_SIZES} (what mx.quantize accepts), "
+                f"got {group}" + (f" (the head dim {head_dim})" if group == head_dim else "")
+            )
+        if head_dim is not None and head_dim % group:
+            raise ConfigError(
+                f"kv_group_size {group} must divide the head dim {head_dim}: "
+                f"use one of {[g for g in KV_GROUP_SIZES if head_dim % g == 0] or 'none'}"
+            )

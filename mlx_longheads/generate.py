@@ -15,7 +15,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cli import exit_on_bad_input, read_text
-from .config import LongHeadsConfig
+from .config import DEFAULT_KV_GROUP_SIZE, LongHeadsConfig
 from .generation import (
     DEFAULT_MAX_CONTEXT,
     LimitError,
@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--system-prompt", default=None)
     parser.add_argument("--ignore-chat-template", action="store_true")
     parser.add_argument("--prefill-step-size", type=int, default=2048)
-    parser.add_argument("--kv-bits", type=int, default=None)
+    parser.add_argument("--kv-bits", type=int, default=None, help="store keys and values quantized to 4 or 8 bits; with LongHeads from the first token (mlx-lm's --quantized-kv-start does not apply)")
+    parser.add_argument("--kv-group-size", type=int, default=None, help="elements per quantization group (default 64, or the head dim if smaller)")
     parser.add_argument("--prompt-cache-file", default=None, help="continue from this prompt cache if it exists; save the cache to it at the end")
     parser.add_argument("--verbose", action="store_true", help="print prompt and generation statistics")
     parser.add_argument("--max-context", type=parse_context_length, default=DEFAULT_MAX_CONTEXT, help="the longest prompt accepted: 32k, 128k, 131072, 1m (default 128k)")
@@ -83,11 +84,12 @@ def encode_prompt(tokenizer: TokenizerWrapper, text: str, args) -> List[int]:
 def run(args) -> None:
     if args.seed is not None:
         mx.random.seed(args.seed)
-    if args.kv_bits is not None and args.attention == "longheads":
-        raise LimitError("--kv-bits is not supported with LongHeads attention yet: drop it")
     config = None
     if args.attention == "longheads":
-        config = LongHeadsConfig(args.chunk_size, args.attention_length, args.selection, args.prefill)
+        config = LongHeadsConfig(
+            args.chunk_size, args.attention_length, args.selection, args.prefill,
+            args.kv_bits, args.kv_group_size,
+        )
     text = read_prompt(args)
     model, tokenizer = load(args.model, longheads=None)
     prompt = truncate(encode_prompt(tokenizer, text, args), args.max_context, args.truncate)
@@ -109,7 +111,8 @@ def run(args) -> None:
         sampler=sampler,
         prefill_step_size=args.prefill_step_size,
         prompt_cache=prompt_cache,
-        kv_bits=args.kv_bits,
+        kv_bits=None if config is not None else args.kv_bits,  # LongHeads: in its config
+        kv_group_size=args.kv_group_size or DEFAULT_KV_GROUP_SIZE,
         prompt_progress_callback=PrefillProgress() if len(prompt) > args.prefill_step_size else None,
     ):
         print(response.text, end="", flush=True)

@@ -77,9 +77,14 @@ def stream_generate(
     """mlx_lm.stream_generate, refusing what would fail or be silently ignored.
 
     max_context: the most tokens the prompt may have (it is never truncated here).
+    kv_bits is mlx-lm's for stock attention only: a LongHeads model's caches quantize
+    (or not) by its LongHeadsConfig, so passing both would mean two quantizations.
     """
     if kwargs.get("kv_bits") is not None and longheads_config(model) is not None:
-        raise LimitError("kv_bits is not supported with LongHeads attention yet: drop it")
+        raise LimitError(
+            "kv_bits of a LongHeads model is part of its configuration (it quantizes from "
+            "the first token): load(..., longheads=LongHeadsConfig(kv_bits=8)) instead"
+        )
     if len(prompt) == 0:  # before encoding: a tokenizer may turn "" into a BOS token
         raise LimitError("the prompt is empty: give some text")
     if isinstance(prompt, str):

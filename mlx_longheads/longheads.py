@@ -26,8 +26,9 @@ import math
 from typing import Callable, List, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_map
 
-from .cache import LongHeadsCache
+from .cache import Buffer, LongHeadsCache
 from .config import LongHeadsConfig
 
 RoPE = Callable[..., mx.array]  # rope(x, offset=int | mx.array): the model's own RoPE
@@ -113,12 +114,35 @@ def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
     """Row of each slot's chunk in a cache buffer viewed as [B * Hk * n_chunks, w, D].
 
     slots [B, G, n, Hs] with Hs = Hk or H (query head h reads KV head h // (H / Hk)).
-    `mx.gather_mm` multiplies these rows in place: no gathered copy of the window.
+    `chunk_product` multiplies these rows in place: no gathered copy of the window.
     """
     B, _, _, Hs = slots.shape
     kv_head = mx.arange(Hs) // (Hs // n_kv_heads)
     first_row = (mx.arange(B)[:, None] * n_kv_heads + kv_head[None]) * n_chunks  # [B, Hs]
     return slots + first_row[:, None, None].astype(mx.uint32)
+
+
+def chunk_product(
+    x: mx.array, buffer: Buffer, rows: mx.array, cache: LongHeadsCache, transpose: bool
+) -> mx.array:
+    """x @ chunk.T (transpose) or x @ chunk for the chunk at each row of a cache buffer.
+
+    The buffer is viewed as [B * Hk * n_chunks, w, d] rows, multiplied in place
+    (`mx.gather_mm`, or `mx.gather_qmm` on quantized keys and values).
+    """
+    w = cache.chunk_size
+    chunks = tree_map(lambda a: a.reshape(-1, w, a.shape[-1]), buffer)
+    if cache.bits is None:
+        rhs = chunks.swapaxes(-1, -2) if transpose else chunks
+        return mx.gather_mm(x, rhs, rhs_indices=rows)
+    return mx.gather_qmm(
+        x,
+        *chunks,
+        rhs_indices=rows,
+        transpose=transpose,
+        group_size=cache.group_size,
+        bits=cache.bits,
+    )
 
 
 def window_slots(
@@ -136,7 +160,7 @@ def window_slots(
     """
     B, H, G = queries.shape[:3]
     k = config.num_chunks
-    n_kv_heads = cache.keys.shape[1]
+    n_kv_heads = cache.kv_heads
     n_selecting = H if config.selection == "query_head" else n_kv_heads
     n = min(k, max(own) + 1)
     own_chunk = mx.array(own, dtype=mx.uint32)[:, None]
@@ -174,7 +198,7 @@ def attend_groups(
     first_offset[i] + 0..g-1 of chunk own[i]. Returns [B, H, G, g, Dv].
 
     Each slot is one matrix product of the slot's rotated queries with the chunk's rows
-    of the cache (`mx.gather_mm`: the window is never copied out). The softmax runs over
+    of the cache (`chunk_product`: the window is never copied out). The softmax runs over
     all slots without bringing them together: 2^(s - max) with scores in base 2 (the
     scale includes log2 e; MLX's CPU `power` is twice as fast as its `exp`), and the
     sum of those weights divides the summed per-slot outputs. Only the own chunk's slot
@@ -182,11 +206,10 @@ def attend_groups(
     """
     B, H, G, g, D = queries.shape
     w, k = config.chunk_size, config.num_chunks
-    _, Hk, capacity, Dv = cache.values.shape
     slots = window_slots(queries, own, cache, config).transpose(0, 2, 3, 1)  # [B, G, n, Hs]
     n, Hs = slots.shape[2], slots.shape[3]
     R = H // Hs  # query heads sharing one window
-    rows = chunk_rows(slots, Hk, capacity // w)
+    rows = chunk_rows(slots, cache.kv_heads, cache.capacity // w)
 
     # The query of slot r is rotated by P - r*w (P its window position); the own
     # chunk's slot, at r*w = own*w or (k-1)*w, by its in-chunk offset.
@@ -198,8 +221,8 @@ def attend_groups(
     q = mx.broadcast_to(q, (B, G, n, H, g, D)).reshape(B * G * n, H, g, D)
     q = rope(q, offset=mx.tile(offsets.reshape(-1), B))
     q = q.reshape(B, G, n, Hs, R * g, D)
-    keys = cache.keys.reshape(-1, w, D).swapaxes(-1, -2)
-    scores = mx.gather_mm(q, keys, rhs_indices=rows).reshape(B, G, n, Hs, R, g, w)
+    scores = chunk_product(q, cache.keys, rows, cache, transpose=True)
+    scores = scores.reshape(B, G, n, Hs, R, g, w)
 
     # Own chunk: keys up to the query. Earlier slots: all, but before the threshold
     # only the chunks before the group's own one.
@@ -218,13 +241,14 @@ def attend_groups(
     top = parts[0][0].max(axis=(2, 6), keepdims=True)
     for part, _ in parts[1:]:
         top = mx.maximum(top, part.max(axis=(2, 6), keepdims=True))
-    values = cache.values.reshape(-1, w, Dv)
     out, total = 0, 0
     for part, part_rows in parts:
         weights = mx.power(2.0, (part - top).astype(mx.float32))  # [B, G, m, Hs, R, g, w]
         total = total + weights.sum(axis=(2, 6))  # [B, G, Hs, R, g]
-        weights = weights.astype(values.dtype).reshape(B, G, -1, Hs, R * g, w)
-        out = out + mx.gather_mm(weights, values, rhs_indices=part_rows).sum(axis=2)
+        weights = weights.astype(cache.dtype).reshape(B, G, -1, Hs, R * g, w)
+        product = chunk_product(weights, cache.values, part_rows, cache, transpose=False)
+        out = out + product.sum(axis=2)
+    Dv = out.shape[-1]
     out = out.reshape(B, G, Hs, R, g, Dv) / total[..., None].astype(out.dtype)
     return out.reshape(B, G, H, g, Dv).transpose(0, 2, 1, 3, 4)
 

@@ -17,6 +17,14 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
+def kv_element_bytes(itemsize: int, longheads: Optional[LongHeadsConfig]) -> float:
+    """Bytes per stored key or value element: the float itemsize, or with kv_bits the
+    packed bits plus a float scale and bias per group."""
+    if longheads is None or longheads.kv_bits is None:
+        return itemsize
+    return longheads.kv_bits / 8 + 2 * itemsize / longheads.kv_group_size
+
+
 def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConfig]) -> int:
     """Keys and values (plus LongHeads' representations and one chunk of queries)."""
     args = model.args
@@ -24,13 +32,13 @@ def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConf
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
     # The cache holds activations, whose dtype the norms' weights share.
     itemsize = model.layers[0].input_layernorm.weight.itemsize
-    per_token = 2 * kv_heads * head_dim
+    per_token = 2 * kv_heads * head_dim * kv_element_bytes(itemsize, longheads)
     extra = 0
     if longheads is not None:
         w = longheads.chunk_size
-        per_token += heads * head_dim / w
-        extra = heads * w * head_dim
-    return int(len(model.layers) * (per_token * tokens + extra) * itemsize)
+        per_token += heads * head_dim / w * itemsize
+        extra = heads * w * head_dim * itemsize
+    return int(len(model.layers) * (per_token * tokens + extra))
 
 
 def available_bytes() -> int:

@@ -44,7 +44,7 @@ class LongHeadsAttention(nn.Module):
         if "q_norm" in self:
             queries, keys = self.q_norm(queries), self.k_norm(keys)
         if cache is None:
-            cache = LongHeadsCache(self.config.chunk_size)
+            cache = make_cache(self.config)
         out = longheads_attention(
             queries.transpose(0, 2, 1, 3),
             keys.transpose(0, 2, 1, 3),
@@ -79,6 +79,11 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
+def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongHeadsCache:
+    """One layer's cache for a resolved configuration."""
+    return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
+
+
 def apply_longheads(
     model: nn.Module,
     config: Optional[LongHeadsConfig] = None,
@@ -90,13 +95,12 @@ def apply_longheads(
     context), so long runs never reallocate.
     """
     check_supported(model)
-    config = (config or LongHeadsConfig()).resolve(model.args.max_position_embeddings)
+    head_dim = model.layers[0].self_attn.k_proj.weight.shape[0] // model.args.num_key_value_heads
+    config = (config or LongHeadsConfig()).resolve(model.args.max_position_embeddings, head_dim)
     for layer in model.layers:
         layer.self_attn = LongHeadsAttention(layer.self_attn, config)
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
-    model.make_cache = lambda: [
-        LongHeadsCache(config.chunk_size, max_size) for _ in model.layers
-    ]
+    model.make_cache = lambda: [make_cache(config, max_size) for _ in model.layers]
     return config
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_lm_cache
 
 from .cache import LongHeadsCache
@@ -102,8 +103,9 @@ def inconsistency(cache: List[Any], model: nn.Module) -> Optional[str]:
     for c in cache:
         if not isinstance(c, LongHeadsCache) or c.empty():
             continue
-        w, held = c.chunk_size, c.keys.shape[2]
-        if held % w or held < c.offset or c.values.shape[2] != held:
+        w, held = c.chunk_size, c.capacity
+        stored = {a.shape[2] for _, a in tree_flatten((c.keys, c.values))}
+        if held % w or held < c.offset or stored != {held}:
             return f"{held} stored tokens for {c.offset} in chunks of {w}"
         if c.queries.shape[2] != w:
             return f"{c.queries.shape[2]} pending queries for chunks of {w}"

@@ -9,15 +9,21 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 from conftest import tiny_model
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
+from mlx_longheads.memory import cache_bytes
 from mlx_longheads.models import apply_longheads
 
 CONFIG = LongHeadsConfig(chunk_size=8, attention_length=64)
+KV8 = LongHeadsConfig(chunk_size=8, attention_length=64, kv_bits=8)
 
 
-def longheads_model(arch="llama", max_size=None):
-    model = tiny_model(arch)
-    apply_longheads(model, CONFIG, max_size=max_size)
-    return model
+def longheads_model(arch="llama", max_size=None, config=CONFIG, **shape):
+    model = tiny_model(arch, **shape)
+    return model, apply_longheads(model, config, max_size=max_size)
+
+
+def quantizable_model(config, max_size=None):
+    """Head dim 32, the smallest MLX quantizes; kv_bits then groups by 32."""
+    return longheads_model("qwen3", max_size, config, head_dim=32)
 
 
 def prompt(n, seed=0):
@@ -33,7 +39,7 @@ def fill(model, n):
 
 def test_memory_is_keys_values_representations_and_one_chunk_of_queries():
     n = 203
-    cache = fill(longheads_model(max_size=n), n)[0]
+    cache = fill(longheads_model(max_size=n)[0], n)[0]
     B, Hk, H, D, w = 1, 2, 4, 16, 8
     capacity = 208  # n rounded up to whole chunks
     kv = 2 * B * Hk * capacity * D * 4
@@ -44,7 +50,7 @@ def test_memory_is_keys_values_representations_and_one_chunk_of_queries():
 
 
 def test_buffers_grow_by_steps_not_per_token():
-    model = longheads_model()
+    model, _ = longheads_model()
     cache = model.make_cache()
     capacities = set()
     for token in prompt(300):
@@ -56,7 +62,7 @@ def test_buffers_grow_by_steps_not_per_token():
 
 
 def test_saved_prompt_cache_continues_generation_identically(tmp_path):
-    model = longheads_model("qwen3")
+    model, _ = longheads_model("qwen3")
     text = prompt(150)
     cache = model.make_cache()
     # Prefill in steps that end mid-chunk, then save.
@@ -75,15 +81,31 @@ def test_saved_prompt_cache_continues_generation_identically(tmp_path):
     assert continue_from(loaded) == continue_from(cache)
 
 
-def test_kv_bits_is_refused_not_ignored():
-    model = longheads_model()
+def test_mlx_lm_kv_bits_is_refused_not_ignored():
+    """mlx-lm would quantize after quantized_kv_start; LongHeads quantizes by its config."""
+    model, _ = longheads_model()
     steps = generate_step(prompt(20), model, max_tokens=5, kv_bits=8, quantized_kv_start=0)
-    with pytest.raises(ValueError, match="kv_bits is not supported with LongHeads"):
+    with pytest.raises(ValueError, match=r"set LongHeadsConfig\(kv_bits=...\) in load\(\)"):
         next(steps)
 
 
+def test_kv_bits_8_stores_a_quarter_of_float32_plus_scales_and_biases():
+    n = 203
+    caches = {}
+    for config in (CONFIG, KV8):
+        model, resolved = quantizable_model(config, max_size=n)
+        caches[config.kv_bits] = fill(model, n)
+        assert cache_bytes(model, 208, resolved) == sum(c.nbytes for c in caches[config.kv_bits])
+    float32, kv8 = caches[None][0], caches[8][0]
+    assert kv8.bits == 8 and kv8.group_size == 32 and kv8.capacity == 208
+    representations_and_queries = float32.representations.nbytes + float32.queries.nbytes
+    float_kv = float32.nbytes - representations_and_queries
+    # 8 bits per element, plus a float32 scale and bias (64 bits) per group of 32.
+    assert kv8.nbytes - representations_and_queries == float_kv * (8 + 64 / 32) / 32
+
+
 def test_representations_count_equals_complete_chunks():
-    model = longheads_model()
+    model, _ = longheads_model()
     cache = model.make_cache()
     for size in (5, 3, 8, 17, 1, 30):
         model(prompt(size)[None], cache=cache)
@@ -98,7 +120,7 @@ def test_representations_count_equals_complete_chunks():
 def test_a_prompt_cache_from_another_configuration_is_refused_by_name(tmp_path):
     from mlx_longheads.prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
 
-    model = longheads_model()
+    model, _ = longheads_model()
     cache = fill(model, 40)
     path = str(tmp_path / "doc.safetensors")
     save_prompt_cache(path, cache, model, CONFIG)
@@ -108,7 +130,28 @@ def test_a_prompt_cache_from_another_configuration_is_refused_by_name(tmp_path):
     with pytest.raises(PromptCacheError, match=f"another attention configuration.*{fix}"):
         load_prompt_cache(path, model, other)
     with pytest.raises(PromptCacheError, match=f"another model.*{fix}"):
-        load_prompt_cache(path, longheads_model("qwen3"), CONFIG)
+        load_prompt_cache(path, longheads_model("qwen3")[0], CONFIG)
+
+
+def test_a_quantized_prompt_cache_continues_identically_and_needs_the_same_kv_bits(tmp_path):
+    from mlx_longheads.prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
+
+    model, config = quantizable_model(KV8)
+    cache = model.make_cache()
+    for start in range(0, 150, 37):  # steps ending mid-chunk
+        model(prompt(150)[None, start : start + 37], cache=cache)
+    path = str(tmp_path / "doc.safetensors")
+    save_prompt_cache(path, cache, model, config)
+    loaded = load_prompt_cache(path, model, config)
+    assert [(c.bits, c.group_size, c.offset) for c in loaded] == [(8, 32, 150)] * 2
+    assert all(isinstance(c.keys, tuple) and c.keys[0].dtype == mx.uint32 for c in loaded)
+
+    def continue_from(c):
+        return [t for t, _ in generate_step(prompt(3, seed=9), model, max_tokens=40, prompt_cache=c)]
+
+    assert continue_from(loaded) == continue_from(cache)
+    with pytest.raises(PromptCacheError, match='another attention configuration.*"kv_bits": 8'):
+        load_prompt_cache(path, model, quantizable_model(CONFIG)[1])
 
 
 def test_an_interrupted_prompt_cache_write_leaves_the_old_file(tmp_path, monkeypatch):
@@ -116,7 +159,7 @@ def test_an_interrupted_prompt_cache_write_leaves_the_old_file(tmp_path, monkeyp
 
     from mlx_longheads.prompt_cache import load_prompt_cache, save_prompt_cache
 
-    model = longheads_model()
+    model, _ = longheads_model()
     path = tmp_path / "doc.safetensors"
     save_prompt_cache(str(path), fill(model, 40), model, CONFIG)
 

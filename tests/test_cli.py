@@ -59,9 +59,35 @@ def test_a_bad_max_context_string_is_refused():
     assert "invalid context length '12q'" in result.stderr
 
 
-def test_kv_bits_is_refused_with_longheads():
-    result = run("mlx_longheads.generate", "--kv-bits", "8", "--prompt", "hi")
-    assert_one_line_error(result, "--kv-bits is not supported with LongHeads")
+def test_kv_bits_8_generates_with_longheads(tmp_path):
+    """Quantized from the first token, and saved so: the prompt cache holds packed K/V."""
+    cache_file = str(tmp_path / "cache.safetensors")
+    result = run(
+        "mlx_longheads.generate", "--kv-bits", "8", "--max-tokens", "8", "--prompt",
+        "What is the capital of France?", "--prompt-cache-file", cache_file,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Paris" in result.stdout
+    from mlx_lm.models.cache import load_prompt_cache
+
+    cache = load_prompt_cache(cache_file)
+    assert cache[0].bits == 8 and cache[0].group_size == 64 and len(cache[0].keys) == 3
+
+
+def test_kv_bits_3_is_refused_by_its_rule():
+    result = run("mlx_longheads.generate", "--kv-bits", "3", "--prompt", "hi")
+    assert_one_line_error(result, "kv_bits must be one of (4, 8)")
+
+
+def test_api_kv_bits_of_a_longheads_model_belongs_in_its_configuration():
+    from conftest import tiny_model
+    from mlx_longheads.generation import stream_generate
+    from mlx_longheads.models import apply_longheads
+
+    model = tiny_model("llama")
+    apply_longheads(model)
+    with pytest.raises(LimitError, match=r"load\(\.\.\., longheads=LongHeadsConfig\(kv_bits=8\)\)"):
+        next(stream_generate(model, None, [1, 2, 3], kv_bits=8))
 
 
 def test_chat_reads_the_document_once(document):

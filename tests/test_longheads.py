@@ -14,6 +14,7 @@ from mlx_longheads.longheads import (
     rotate_in_chunks,
     select_chunks,
 )
+from mlx_longheads.models import make_cache
 
 import reference
 
@@ -22,18 +23,18 @@ H, HK, D = 4, 2, 16
 SCALE = D**-0.5
 
 
-def random_qkv(n: int, seed: int = 0):
+def random_qkv(n: int, seed: int = 0, d: int = D):
     rng = np.random.default_rng(seed)
-    q = rng.normal(size=(H, n, D)).astype(np.float32) * 2
-    k = rng.normal(size=(HK, n, D)).astype(np.float32) * 2
-    v = rng.normal(size=(HK, n, D)).astype(np.float32)
+    q = rng.normal(size=(H, n, d)).astype(np.float32) * 2
+    k = rng.normal(size=(HK, n, d)).astype(np.float32) * 2
+    v = rng.normal(size=(HK, n, d)).astype(np.float32)
     return q, k, v
 
 
-def run(q, k, v, config, steps):
+def run(q, k, v, config, steps, scale=SCALE):
     """longheads_attention over the tokens in calls of the given sizes."""
-    cache = LongHeadsCache(config.chunk_size)
-    rope = nn.RoPE(D, base=BASE)
+    cache = make_cache(config)
+    rope = nn.RoPE(q.shape[-1], base=BASE)
     outputs, start = [], 0
     for size in steps:
         sl = slice(start, start + size)
@@ -44,7 +45,7 @@ def run(q, k, v, config, steps):
                 mx.array(v[None, :, sl]),
                 cache,
                 rope,
-                SCALE,
+                scale,
                 config,
             )
         )
@@ -172,3 +173,33 @@ def test_no_position_reaches_attention_length(w, k, n, step, prefill):
         assert not np.isnan(np.array(out)).any()
     assert min(n, L) - 1 <= rope.largest < L
     assert cache.complete_chunks == n // w
+
+
+def quantization_round_trip(k, v, w, bits, group):
+    """Pre-RoPE keys and values whose rotated-in-chunk keys and values are exactly what
+    a cache quantized to `bits` gives back (rotation undone in float64)."""
+    d = k.shape[-1]
+    rotated = rotate_in_chunks(mx.array(k[None]), 0, nn.RoPE(d, base=BASE), w)[0]
+
+    def round_trip(x):
+        return np.array(mx.dequantize(*mx.quantize(x, group, bits), group, bits), np.float64)
+
+    local = np.arange(k.shape[1]) % w
+    return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
+def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps):
+    """kv_bits changes nothing but the stored keys and values (representations included)."""
+    w, L, d, n = 8, 32, 32, 120
+    config = LongHeadsConfig(w, L, prefill=prefill, kv_bits=bits).resolve(None, d)
+    assert config.kv_group_size == 32  # the head dim, under 64
+    q, k, v = random_qkv(n, seed=11, d=d)
+    kq, vq = quantization_round_trip(k, v, w, bits, 32)
+    t = np.arange(n)
+    group_of = None if prefill == "exact" else (t // steps[0]) * 1000 + t // w
+    expected = reference.longheads(q, kq, vq, w, L, d**-0.5, BASE, group_of=group_of)
+    out, cache = run(q, k, v, config, steps, scale=d**-0.5)
+    assert cache.bits == bits and cache.keys[0].dtype == mx.uint32
+    np.testing.assert_allclose(out, expected, atol=2e-5)

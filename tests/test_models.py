@@ -106,6 +106,10 @@ def test_dynamic_ntk_rope_is_refused():
         (LongHeadsConfig(32, 96), "at least 4 are needed", "lower chunk_size or raise attention_length"),
         (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'query_head' or 'kv_head'"),
         (LongHeadsConfig(8, 64, prefill="fast"), "prefill must be", "'grouped' or 'exact'"),
+        (LongHeadsConfig(8, 64, kv_bits=3), "kv_bits must be one of (4, 8)", "or None for float K/V"),
+        (LongHeadsConfig(8, 64, kv_bits=8), "kv_group_size must be one of (32, 64, 128)", "got 16 (the head dim 16)"),
+        (LongHeadsConfig(8, 64, kv_bits=8, kv_group_size=64), "must divide the head dim 16", "use one of none"),
+        (LongHeadsConfig(8, 64, kv_group_size=32), "only applies to quantized K/V", "set kv_bits too"),
     ],
 )
 def test_invalid_configurations_fail_at_load_time(config, rule, fix):
@@ -113,6 +117,43 @@ def test_invalid_configurations_fail_at_load_time(config, rule, fix):
     with pytest.raises(ConfigError) as refused:
         apply_longheads(tiny_model("llama"), config)
     assert rule in str(refused.value) and fix in str(refused.value)
+
+
+# Measured on seeds 0-2 of the three architectures: at most 0.083 inside L, 1.4% of the
+# largest logit past it, every argmax the same, 98.9% of the selected chunks the same.
+@pytest.mark.parametrize(
+    "arch, shape",  # head dim 32: the smallest MLX quantizes
+    [("llama", dict(head_dim=32)), ("qwen2", dict(hidden_size=128)), ("qwen3", dict(head_dim=32))],
+)
+def test_kv_bits_8_stays_close_to_float(arch, shape, monkeypatch):
+    """Prefill and decode past L: logits and selections nearly those of float K/V."""
+    from mlx_longheads import longheads
+
+    select_chunks, selections = longheads.select_chunks, []
+
+    def recording(*args, **kwargs):
+        slots = select_chunks(*args, **kwargs)
+        selections.append(np.array(slots))
+        return slots
+
+    monkeypatch.setattr(longheads, "select_chunks", recording)
+    stock, x = tiny_model(arch, **shape), tokens(300)
+    runs = {}
+    for bits in (None, 8):
+        selections.clear()
+        model = longheads_copy(stock, LongHeadsConfig(8, 64, kv_bits=bits))
+        cache = model.make_cache()
+        logits = [model(x[:, :250], cache=cache)]
+        logits += [model(x[:, t : t + 1], cache=cache) for t in range(250, 300)]
+        runs[bits] = np.array(mx.concatenate(logits, axis=1))[0], list(selections)
+    assert cache[0].bits == 8 and cache[0].group_size == 32
+    (exact, exact_slots), (quantized, slots) = runs[None], runs[8]
+    diff = np.abs(quantized - exact)
+    assert diff[:64].max() < 0.15
+    assert diff.max() < 0.03 * np.abs(exact).max()
+    assert (quantized.argmax(-1) == exact.argmax(-1)).mean() >= 0.95
+    same = np.concatenate([(a == b).ravel() for a, b in zip(slots, exact_slots)])
+    assert same.mean() >= 0.98
 
 
 def test_defaults_come_from_the_trained_length():
