@@ -19,7 +19,8 @@ from mlx_lm.models import cache as mlx_lm_cache
 from .cache import LongHeadsCache
 from .config import LongHeadsConfig
 
-FORMAT_VERSION = "1"
+# 2: the cache state carries kv_bits and kv_group_size (quantized K/V).
+FORMAT_VERSION = "2"
 REBUILD = "delete it and run the prompt again to rebuild it"
 
 
