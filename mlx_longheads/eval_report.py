@@ -10,7 +10,7 @@ from typing import Dict, List, Tuple
 TASK_ORDER = ["passkey", "needle", "multikey", "multivalue", "aggregation", "perplexity"]
 
 SCORING = {
-    "passkey": "1 when the greedy answer starts with the pass key",
+    "passkey": "1 when the greedy answer starts with the pass key (a whole number)",
     "needle": "1 when the answer contains the needle's number",
     "multikey": "1 when the answer contains the asked key's number (3 other keys planted)",
     "multivalue": "share of the key's 4 numbers in the answer",
