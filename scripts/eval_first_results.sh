@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The evaluation runs behind results/eval (CPU, 2 cores, about 2.5 hours beside other jobs).
+# Each run resumes: finished samples are kept, so raising --samples or adding lengths and
+# methods only runs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=.venv/bin/python
+$python -m mlx_longheads.eval passkey --lengths 8k --samples 3 --methods longheads,full,window --output results/eval
+$python -m mlx_longheads.eval needle --lengths 2k,4k --samples 3 --methods longheads:L=1024,w=128,full --output results/eval
+$python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads,full --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
