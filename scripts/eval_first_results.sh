@@ -9,3 +9,6 @@ $python -m mlx_longheads.eval passkey --lengths 8k --samples 3 --methods longhea
 $python -m mlx_longheads.eval needle --lengths 2k,4k --samples 3 --methods longheads:L=1024,w=128,full --output results/eval
 $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads,full --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 8k --samples 3 --methods longheads:sel=kv_head --output results/eval
+$python -m mlx_longheads.eval aggregation --lengths 4k --samples 3 --methods longheads:L=1024,w=128,full --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
