@@ -22,7 +22,7 @@ from mlx import nn
 from mlx_longheads import bench, longheads
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
-from mlx_longheads.generation import parse_context_length
+from mlx_longheads.generation import format_context_length, parse_context_length
 
 SHAPES = {  # heads, KV heads, head dim, RoPE base; trained length 8192 for both
     "smollm2-135m": (9, 3, 64, 100000.0),
@@ -91,7 +91,7 @@ def main():
             decode = {n: 1000 * statistics.median(times[n, 1][1:]) for n in versions}
             prefill = {n: args.prefill_block / statistics.median(times[n, args.prefill_block]) for n in versions}
             lines.append(
-                f"| {selection} | {bench.tokens_label(context)} | {decode[old]:.2f} | {decode[new]:.2f} "
+                f"| {selection} | {format_context_length(context)} | {decode[old]:.2f} | {decode[new]:.2f} "
                 f"| {decode[old] / decode[new]:.2f}x | {prefill[old]:.1f} | {prefill[new]:.1f} "
                 f"| {prefill[new] / prefill[old]:.2f}x |"
             )

@@ -41,7 +41,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .cache import LongHeadsCache
 from .config import LongHeadsConfig
-from .generation import parse_context_length
+from .generation import format_context_length, parse_context_length
 from .longheads import longheads_attention
 from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
 from .models import apply_longheads, longheads_config, make_cache
@@ -354,7 +354,7 @@ def goals(report: dict) -> List[dict]:
         for context, target in ((32768, 5), (131072, 15)):
             # Kernel level: the speed-up that moving fewer bytes alone would give.
             bound = ratio(value(results, "full", context, "decode_bytes"), value(results, method, context, "decode_bytes"))
-            add(f"{method}: decode at {tokens_label(context)}, times faster than full",
+            add(f"{method}: decode at {format_context_length(context)}, times faster than full",
                 ratio(value(results, "full", context, "decode_ms"), value(results, method, context, "decode_ms")),
                 target, **({"bytes_ratio": bound} if report["kind"] == "kernel" else {}))
         add(f"{method}: decode ms at 128k / at 8k",
@@ -378,10 +378,6 @@ def goals(report: dict) -> List[dict]:
                 None if q8 is None or unquantized is None else (q8 - base) / (unquantized - base),
                 0.5, at_least=False)
     return out
-
-
-def tokens_label(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
 def fmt(x: Optional[float], digits: int = 1) -> str:
@@ -441,7 +437,7 @@ def markdown(report: dict, command: str) -> str:
                 else:
                     x = r.get(key)
                 cells.append(fmt(x, digits))
-            lines.append(f"| {tokens_label(context)} | {method} | " + " | ".join(cells) + " |")
+            lines.append(f"| {format_context_length(context)} | {method} | " + " | ".join(cells) + " |")
     lines += ["", "## Goals (ratios within this run)", "", "| goal | figure | target | met |", "|---|---|---|---|"]
     for g in report["goals"]:
         met = {None: "not measured", True: "yes", False: "no"}[g["met"]]

@@ -28,8 +28,8 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 from . import longheads
 from .cli import exit_on_bad_input
 from .config import LongHeadsConfig
-from .eval_report import TASK_ORDER, length_label, results_path, write_report
-from .generation import parse_context_length, stream_generate
+from .eval_report import TASK_ORDER, results_path, write_report
+from .generation import format_context_length, parse_context_length, stream_generate
 from .load import load
 from .tasks import make_sample, perplexity_text
 
@@ -382,10 +382,10 @@ def evaluate(args) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with method_model(method, args.model, stock) as model, path.open("a") as results:
             for n, index in todo:
-                label = f"{task} {method.name} {length_label(n)} #{index}"
+                label = f"{task} {method.name} {format_context_length(n)} #{index}"
                 record = dict(identity, trained_length=trained, length=n, index=index)
                 if method.kind == "full" and n > max_full:
-                    record["skipped"] = f"full attention beyond --max-length-full {length_label(max_full)}"
+                    record["skipped"] = f"full attention beyond --max-length-full {format_context_length(max_full)}"
                     progress.finished(label, "skipped")
                 else:
                     record.update(run_sample(

@@ -7,6 +7,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from .generation import format_context_length
+
 TASK_ORDER = ["passkey", "needle", "multikey", "multivalue", "aggregation", "perplexity"]
 
 SCORING = {
@@ -52,10 +54,6 @@ def method_key(name: str) -> Tuple[int, str]:
     return (["full", "window", "longheads"].index(name.split(":")[0]), name)
 
 
-def length_label(n: int) -> str:
-    return f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
-
-
 def ran(records: List[dict]) -> List[dict]:
     return [r for r in records if "skipped" not in r]
 
@@ -75,7 +73,7 @@ def table(methods: Dict[str, List[dict]], field: str, digits: int) -> List[str]:
     """Rows methods, columns lengths."""
     lengths = sorted({r["length"] for records in methods.values() for r in records})
     lines = [
-        "| method | " + " | ".join(length_label(n) for n in lengths) + " |",
+        "| method | " + " | ".join(format_context_length(n) for n in lengths) + " |",
         "|---" * (len(lengths) + 1) + "|",
     ]
     for name in sorted(methods, key=method_key):
@@ -107,7 +105,7 @@ def perplexity_table(methods: Dict[str, List[dict]]) -> List[str]:
     curves = {name: perplexity_by_position(methods[name]) for name in sorted(methods, key=method_key)}
     buckets = sorted({b for curve in curves.values() for b in curve})
     lines = [
-        "| method | " + " | ".join(f"{length_label(lo)}-{length_label(hi)}" for lo, hi in buckets) + " |",
+        "| method | " + " | ".join(f"{format_context_length(lo)}-{format_context_length(hi)}" for lo, hi in buckets) + " |",
         "|---" * (len(buckets) + 1) + "|",
     ]
     for name, curve in curves.items():
@@ -142,7 +140,7 @@ def plot_scores(task: str, methods: Dict[str, List[dict]], path: Path) -> None:
         ax.plot([n for n, _ in points], [s for _, s in points], "o-", label=name)
     mark_trained_length(ax, methods, max(lengths))
     ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [length_label(n) for n in lengths])
+    ax.set_xticks(lengths, [format_context_length(n) for n in lengths])
     ax.set_ylim(-0.05, 1.05)
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("mean score")
@@ -177,7 +175,7 @@ def plot_needle_heatmaps(methods: Dict[str, List[dict]], path: Path) -> None:
                 elif any(r["length"] == n for r in methods[name]):
                     ax.text(j, i, "skipped", ha="center", va="center", fontsize=6, color="gray")
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-        ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
+        ax.set_xticks(range(len(lengths)), [format_context_length(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel("needle depth")
@@ -202,7 +200,7 @@ def plot_perplexity(methods: Dict[str, List[dict]], path: Path) -> None:
     if repeats:
         ax.axvline(repeats, color="red", ls="--", label="text repeats from here")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(sorted(edges), [length_label(n) for n in sorted(edges)])
+    ax.set_xticks(sorted(edges), [format_context_length(n) for n in sorted(edges)])
     ax.set_yscale("log")  # past the trained length stock attention goes off by orders
     ax.set_xlabel("token position (buckets between the ticks; the first from 0)")
     ax.set_ylabel("perplexity")
@@ -231,7 +229,7 @@ def write_report(output: Path) -> Path:
             records = [r for rs in methods.values() for r in ran(rs)]
             lines += [
                 f"Perplexity per position bucket, each text (index) once at the longest length "
-                f"run; texts of {', '.join(length_label(n) for n in sorted({r['length'] for r in records}))} "
+                f"run; texts of {', '.join(format_context_length(n) for n in sorted({r['length'] for r in records}))} "
                 f"tokens, pydoc_data.topics from a random start, repeating itself after "
                 f"{records[0]['repeats_at']} tokens (copying, not language modelling, past that).",
                 "",

@@ -34,6 +34,11 @@ def parse_context_length(text: str) -> int:
     return int(match.group(1)) * unit
 
 
+def format_context_length(n: int) -> str:
+    """32768 -> '32k', 1000 -> '1000': the inverse of parse_context_length for labels."""
+    return f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
+
+
 def truncate(tokens: List[int], limit: int, cut: Optional[str]) -> List[int]:
     """Cut a prompt to limit tokens: cut='start', 'middle' or 'end' says which part goes."""
     if len(tokens) <= limit:
