@@ -362,6 +362,9 @@ def evaluate(args) -> None:
     trained = stock.args.max_position_embeddings
     flags = LongHeadsConfig(args.chunk_size, args.attention_length, args.selection, args.prefill)
     methods = parse_methods(args.methods, flags, trained)
+    # Recorded, not part of a result's identity, so CPU (float32) and GPU (the model's
+    # dtype) runs can be told apart.
+    runs_on = dict(device=str(mx.default_device()), dtype=str(stock.model.embed_tokens(mx.array([[0]])).dtype))
 
     jobs = []
     for task in tasks:
@@ -383,7 +386,7 @@ def evaluate(args) -> None:
         with method_model(method, args.model, stock) as model, path.open("a") as results:
             for n, index in todo:
                 label = f"{task} {method.name} {format_context_length(n)} #{index}"
-                record = dict(identity, trained_length=trained, length=n, index=index)
+                record = dict(identity, trained_length=trained, length=n, index=index, **runs_on)
                 if method.kind == "full" and n > max_full:
                     record["skipped"] = f"full attention beyond --max-length-full {format_context_length(max_full)}"
                     progress.finished(label, "skipped")

@@ -129,7 +129,10 @@ def fake_run_sample(task, model, tokenizer, method, n, index, seed, progress):
 
 @pytest.fixture
 def fake_model(monkeypatch):
-    stock = SimpleNamespace(args=SimpleNamespace(max_position_embeddings=8192))
+    embed_tokens = lambda tokens: tokens.astype(mx.float32)  # noqa: E731
+    stock = SimpleNamespace(
+        args=SimpleNamespace(max_position_embeddings=8192), model=SimpleNamespace(embed_tokens=embed_tokens)
+    )
     monkeypatch.setattr(evaluation, "load", lambda *a, **k: (stock, None))
     monkeypatch.setattr(evaluation, "run_sample", fake_run_sample)
 
@@ -149,6 +152,7 @@ def test_a_rerun_keeps_finished_samples(tmp_path, fake_model):
         (1024, 0), (1024, 1), (1024, 2), (65536, 0), (65536, 1), (65536, 2)
     ]
     assert all("skipped" in r for r in records if r["length"] == 65536)  # beyond --max-length-full
+    assert {(r["device"], r["dtype"]) for r in records} == {(str(mx.default_device()), "mlx.core.float32")}
     window = results_path(tmp_path, "passkey", "window:L=4096").read_text().splitlines()
     assert len(window) == 6 and all('"score": 1.0' in line for line in window)
     with pytest.raises(SystemExit):
