@@ -39,6 +39,17 @@ BLOCK_BUDGET = 256 * 2**20
 
 LOG2_E = math.log2(math.e)
 
+# MLX 0.32.4's CUDA gather_mm failed to launch ("cuGraphAddKernelNode ... invalid
+# argument") for products of 128 or 256 rows and ran with 64 (H200, float16 model):
+# on CUDA, longer products are cut into 64-row pieces.
+CUDA_GATHER_ROWS = 64
+
+
+def gather_rows_limit() -> Optional[int]:
+    """Most rows one gather_mm may have on the current device (None: no limit)."""
+    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
+    return CUDA_GATHER_ROWS if on_cuda else None
+
 
 def rotate_in_chunks(x: mx.array, start: int, rope: RoPE, w: int) -> mx.array:
     """R(x_i, i mod w) for tokens at positions start.. ([B, h, T, D])."""
@@ -134,7 +145,12 @@ def chunk_product(
     chunks = tree_map(lambda a: a.reshape(-1, w, a.shape[-1]), buffer)
     if cache.bits is None:
         rhs = chunks.swapaxes(-1, -2) if transpose else chunks
-        return mx.gather_mm(x, rhs, rhs_indices=rows)
+        M, limit = x.shape[-2], gather_rows_limit()
+        if limit is None or M <= limit or M % limit:
+            return mx.gather_mm(x, rhs, rhs_indices=rows)
+        pieces = x.reshape(*x.shape[:-2], M // limit, limit, x.shape[-1])
+        out = mx.gather_mm(pieces, rhs, rhs_indices=rows[..., None])
+        return out.reshape(*x.shape[:-2], M, out.shape[-1])
     return mx.gather_qmm(
         x,
         *chunks,

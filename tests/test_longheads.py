@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from mlx import nn
 
+from mlx_longheads import longheads
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.longheads import (
@@ -95,6 +96,19 @@ def test_grouped_mode_shares_one_selection_per_chunk_and_call(selection):
         q, k, v, w, 32, SCALE, BASE, group_of=group_of, per_kv_head=selection == "kv_head"
     )
     out, _ = run(q, k, v, config, [step] * (n // step))
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("selection", ["query_head", "kv_head"])
+def test_products_cut_into_row_pieces_are_the_same_attention(monkeypatch, selection):
+    """The CUDA workaround (gather_mm of at most CUDA_GATHER_ROWS rows), forced here."""
+    monkeypatch.setattr(longheads, "gather_rows_limit", lambda: 4)
+    config = LongHeadsConfig(8, 32, selection=selection)
+    q, k, v = random_qkv(100, seed=4)
+    expected = reference.longheads(
+        q, k, v, 8, 32, SCALE, BASE, group_of=np.arange(100) // 8, per_kv_head=selection == "kv_head"
+    )
+    out, _ = run(q, k, v, config, [100])
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
