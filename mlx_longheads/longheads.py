@@ -39,14 +39,16 @@ BLOCK_BUDGET = 256 * 2**20
 
 LOG2_E = math.log2(math.e)
 
-# MLX 0.32.4's CUDA gather_mm failed to launch ("cuGraphAddKernelNode ... invalid
-# argument") for products of 128 or 256 rows and ran with 64 (H200, float16 model):
-# on CUDA, longer products are cut into 64-row pieces.
+# MLX 0.32.4 on CUDA (an H200, float16 model): gather_mm of 128 or 256 rows failed to
+# launch ("cuGraphAddKernelNode ... invalid argument"), one-row products (decode, exact
+# prefill) gave wrong answers or failed in tests, and 64-row products were right
+# (prefill perplexity matched full attention). On CUDA every product is cut or padded
+# to pieces of exactly this many rows.
 CUDA_GATHER_ROWS = 64
 
 
 def gather_rows_limit() -> Optional[int]:
-    """Most rows one gather_mm may have on the current device (None: no limit)."""
+    """The rows of every gather_mm on the current device (None: as they come)."""
     on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
     return CUDA_GATHER_ROWS if on_cuda else None
 
@@ -145,12 +147,14 @@ def chunk_product(
     chunks = tree_map(lambda a: a.reshape(-1, w, a.shape[-1]), buffer)
     if cache.bits is None:
         rhs = chunks.swapaxes(-1, -2) if transpose else chunks
-        M, limit = x.shape[-2], gather_rows_limit()
-        if limit is None or M <= limit or M % limit:
+        M, rows_per_piece = x.shape[-2], gather_rows_limit()
+        if rows_per_piece is None:
             return mx.gather_mm(x, rhs, rhs_indices=rows)
-        pieces = x.reshape(*x.shape[:-2], M // limit, limit, x.shape[-1])
+        padding = -M % rows_per_piece
+        x = mx.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, padding), (0, 0)])
+        pieces = x.reshape(*x.shape[:-2], -1, rows_per_piece, x.shape[-1])
         out = mx.gather_mm(pieces, rhs, rhs_indices=rows[..., None])
-        return out.reshape(*x.shape[:-2], M, out.shape[-1])
+        return out.reshape(*x.shape[:-2], M + padding, -1)[..., :M, :]
     return mx.gather_qmm(
         x,
         *chunks,

@@ -100,15 +100,18 @@ def test_grouped_mode_shares_one_selection_per_chunk_and_call(selection):
 
 
 @pytest.mark.parametrize("selection", ["query_head", "kv_head"])
-def test_products_cut_into_row_pieces_are_the_same_attention(monkeypatch, selection):
-    """The CUDA workaround (gather_mm of at most CUDA_GATHER_ROWS rows), forced here."""
-    monkeypatch.setattr(longheads, "gather_rows_limit", lambda: 4)
+def test_products_in_fixed_row_pieces_are_the_same_attention(monkeypatch, selection):
+    """The CUDA workaround (every gather_mm cut or padded to CUDA_GATHER_ROWS rows),
+    forced here with pieces of 3 rows: prefill groups of 8 or 16 rows, decode of 1 or 2."""
+    monkeypatch.setattr(longheads, "gather_rows_limit", lambda: 3)
     config = LongHeadsConfig(8, 32, selection=selection)
     q, k, v = random_qkv(100, seed=4)
+    t = np.arange(100)
+    group_of = np.where(t < 64, t // 8, t + 1000)  # a prefill of 64, then one token per call
     expected = reference.longheads(
-        q, k, v, 8, 32, SCALE, BASE, group_of=np.arange(100) // 8, per_kv_head=selection == "kv_head"
+        q, k, v, 8, 32, SCALE, BASE, group_of=group_of, per_kv_head=selection == "kv_head"
     )
-    out, _ = run(q, k, v, config, [100])
+    out, _ = run(q, k, v, config, [64] + [1] * 36)
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
