@@ -23,9 +23,4 @@ run() {  # run NUMBER EVAL_ARGS...: one eval run, interrupted at the deadline
 export -f run
 grep -v '^\s*\(#\|$\)' "$jobs_file" | nl -nrz -w3 | xargs -P "$parallel" -L 1 bash -c 'run "$@"' _
 
-for file in "$output"/runs/*/*/*.jsonl; do
-    [ -e "$file" ] || continue
-    relative=${file#"$output"/runs/*/}
-    mkdir -p "$output/merged/$(dirname "$relative")"
-    cat "$file" >>"$output/merged/$relative"
-done
+$python "$(dirname "$0")/merge_eval_results.py" "$output"/runs/* "$output/merged"
