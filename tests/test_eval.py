@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import mlx.core as mx
@@ -228,3 +229,21 @@ def test_a_question_is_answered_greedily(embedded):
     assert record["tokens"] == len(tokenizer.encode(make_sample("needle", tokenizer, 200, 0).prompt))
     assert record["score"] in (0.0, 1.0) and record["answer"].strip()
     assert record["prefill_s"] > 0 and seen[-1] == (record["tokens"], record["tokens"])
+
+
+def test_merging_runs_keeps_each_sample_once_and_refuses_another_seed(tmp_path, fake_model):
+    merge = [sys.executable, str(Path(__file__).parents[1] / "scripts" / "merge_eval_results.py")]
+    for name, lengths in (("a", "1k"), ("b", "1k,2k")):
+        evaluation.main(["passkey", "--lengths", lengths, "--samples", "2", "--methods", "full",
+                         "--output", str(tmp_path / name)])
+    sources = [str(tmp_path / "a"), str(tmp_path / "b")]
+    for _ in range(2):  # merging again adds nothing
+        subprocess.run(merge + sources + [str(tmp_path / "merged")], check=True)
+    merged = results_path(tmp_path / "merged", "passkey", "full").read_text().splitlines()
+    assert sorted((r["length"], r["index"]) for r in map(json.loads, merged)) == [
+        (1024, 0), (1024, 1), (2048, 0), (2048, 1)
+    ]
+    evaluation.main(["passkey", "--lengths", "1k", "--samples", "1", "--methods", "full", "--seed", "1",
+                     "--output", str(tmp_path / "c")])
+    refused = subprocess.run(merge + [str(tmp_path / "c"), str(tmp_path / "merged")], capture_output=True, text=True)
+    assert refused.returncode != 0 and "another" in refused.stderr and "Traceback" not in refused.stderr
