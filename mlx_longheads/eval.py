@@ -202,6 +202,48 @@ def selection_variant(method: Method, model: nn.Module) -> Iterator[None]:
         longheads.select_chunks = original
 
 
+class SelectionLog:
+    """The chunks the heads select for the prompt's last token, one array per layer: is
+    the planted sentence's chunk among them? Wraps `longheads.select_chunks` (inside the
+    ablations' wrapper) while a sample runs; records while `active`."""
+
+    def __init__(self):
+        self.active, self.selected = False, []
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        inner = longheads.select_chunks
+
+        def select(*args, **kwargs):
+            slots = inner(*args, **kwargs)
+            if self.active:
+                self.selected.append(slots)
+            return slots
+
+        longheads.select_chunks = select
+        try:
+            yield
+        finally:
+            longheads.select_chunks = inner
+
+    def watch(self, progress: Callable[[int, int], None]) -> Callable[[int, int], None]:
+        """mlx-lm reports total - 1 tokens before the last prompt token's step and total
+        after it (and after building the first answer token's step)."""
+
+        def show(done: int, total: int) -> None:
+            self.active = done == total - 1
+            progress(done, total)
+
+        return show
+
+    def share_selecting(self, chunk: int, n_layers: int) -> Optional[List[float]]:
+        """Per layer, the share of selecting heads whose window holds `chunk` (None when
+        the prompt was too short for selection)."""
+        if len(self.selected) < n_layers:
+            return None
+        return [round((slots == chunk).any(axis=-1).mean().item(), 4) for slots in self.selected[:n_layers]]
+
+
 class Progress:
     """One status line on stderr: samples done of the run, the current sample's prefill."""
 
@@ -292,16 +334,29 @@ def perplexity_record(model, tokenizer, cache, n: int, index: int, seed: int, pr
     )
 
 
-def question_record(task: str, model, tokenizer, cache, n: int, index: int, seed: int, progress) -> dict:
+def question_record(
+    task: str, model, tokenizer, cache, n: int, index: int, seed: int, progress, chunk_size: Optional[int] = None
+) -> dict:
+    """chunk_size (LongHeads): also record which layers' heads select the chunk of the
+    first expected answer's first occurrence in the prompt."""
     tic = time.perf_counter()
     sample = make_sample(task, tokenizer, n, index, seed)
     prompt = tokenizer.encode(sample.prompt)
-    answer, prefill_s = answer_question(model, tokenizer, prompt, sample.max_tokens, cache, progress)
-    return dict(
+    log = SelectionLog()
+    with log.installed():
+        answer, prefill_s = answer_question(model, tokenizer, prompt, sample.max_tokens, cache, log.watch(progress))
+    record = dict(
         tokens=len(prompt), expected=list(sample.expected), depths=[round(d, 4) for d in sample.depths],
         params=sample.params, answer=answer, score=sample.score(answer),
         prefill_s=round(prefill_s, 2), total_s=round(time.perf_counter() - tic, 2),
     )
+    if chunk_size is not None:
+        key_token = len(tokenizer.encode(sample.prompt[: sample.prompt.find(sample.expected[0])]))
+        by_layer = log.share_selecting(key_token // chunk_size, len(model.layers))
+        if by_layer is not None:
+            record.update(key_chunk=key_token // chunk_size, key_chunk_selected=round(sum(by_layer) / len(by_layer), 4),
+                          key_chunk_selected_by_layer=by_layer)
+    return record
 
 
 def run_sample(task: str, model, tokenizer, method: Method, n: int, index: int, seed: int, progress) -> dict:
@@ -309,7 +364,8 @@ def run_sample(task: str, model, tokenizer, method: Method, n: int, index: int, 
     cache = make_cache(model, method)
     if task == "perplexity":
         return perplexity_record(model, tokenizer, cache, n, index, seed, progress)
-    return question_record(task, model, tokenizer, cache, n, index, seed, progress)
+    chunk_size = method.config.chunk_size if method.kind == "longheads" else None
+    return question_record(task, model, tokenizer, cache, n, index, seed, progress, chunk_size)
 
 
 def read_done(path: Path, identity: dict) -> Tuple[Set[Tuple[int, int]], Set[Tuple[int, int]]]:
