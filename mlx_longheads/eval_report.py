@@ -239,8 +239,15 @@ def write_report(output: Path) -> Path:
             ]
             continue
         plot_scores(task, methods, folder / "score_vs_length.png")
+        lines += [f"Score: {SCORING[task]}.", "", *table(methods, "score", 2), ""]
+        selecting = {name: [r for r in rs if "key_chunk_selected" in r] for name, rs in methods.items()}
+        if any(selecting.values()):
+            lines += [
+                "Share of heads (all layers) whose window holds the answer's chunk at the prompt's "
+                "last token (LongHeads samples that recorded it):", "",
+                *table({name: rs for name, rs in selecting.items() if rs}, "key_chunk_selected", 2), "",
+            ]
         lines += [
-            f"Score: {SCORING[task]}.", "", *table(methods, "score", 2), "",
             "Prefill seconds per sample:", "", *table(methods, "prefill_s", 0), "",
             f"![{task}]({task}/score_vs_length.png)",
         ]

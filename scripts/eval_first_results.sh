@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The evaluation runs behind results/eval (CPU, 2 cores: about 2.5 hours beside other jobs
-# for the first block, about 2 hours for the passkey runs past the trained length).
+# for the first block, about 2 hours for the runs at 16k and 32k).
 # Each run resumes: finished samples are kept, so raising --samples or adding lengths and
 # methods only runs what is missing.
 set -euo pipefail
@@ -13,8 +13,11 @@ $python -m mlx_longheads.eval report --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 8k --samples 3 --methods longheads:sel=kv_head --output results/eval
 $python -m mlx_longheads.eval aggregation --lengths 4k --samples 3 --methods longheads:L=1024,w=128,full --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
-# Passkey past the trained length (2026-11-26, alone on the 2 cores).
+# Passkey past the trained length, and first ablations at 16k (2026-11-26, alone on the
+# 2 cores; 16k samples after the first record which layers' heads select the key's chunk).
 $python -m mlx_longheads.eval passkey --lengths 16k --samples 5 --methods longheads --output results/eval
-$python -m mlx_longheads.eval passkey --lengths 32k --samples 3 --methods longheads --output results/eval
-$python -m mlx_longheads.eval passkey --lengths 64k --samples 1 --methods longheads --output results/eval
+for method in longheads:L=6144 longheads:score=rotated longheads:sel=kv_head longheads:w=128; do
+    $python -m mlx_longheads.eval passkey --lengths 16k --samples 2 --methods $method --output results/eval
+done
+$python -m mlx_longheads.eval passkey --lengths 32k --samples 1 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval

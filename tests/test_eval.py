@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import mlx.core as mx
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
 from conftest import tiny_model
 from mlx_longheads import eval as evaluation
@@ -169,6 +170,8 @@ def test_the_report_is_drawn_from_the_results(tmp_path):
             dict(length=n, index=i, score=float(i % 2), depths=[i / 10], tokens=n)
             for n in (4096, 8192) for i in range(11)
         ],
+        ("passkey", "longheads:L=4096"): [dict(length=8192, index=i, score=1.0, tokens=8192, key_chunk=9,
+                                                key_chunk_selected=s) for i, s in enumerate((0.5, 0.7))],
         ("perplexity", "full"): [dict(length=4096, index=0, tokens=4096, repeats_at=112955,
                                       buckets=[[0, 1024, 3000.0, 1023], [1024, 2048, 2500.0, 1024]])],
     }
@@ -179,6 +182,7 @@ def test_the_report_is_drawn_from_the_results(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "| `full` | 1.00 (1) | 1.00 (1) | skipped |" in report
     assert "| `window:L=4096` | 0.45 (11) | 0.45 (11) |" in report
+    assert "| `longheads:L=4096` | 0.60 (2) |" in report  # share of heads holding the key's chunk
     assert "| `full` | 18.78 | 11.49 |" in report  # exp(3000/1023), exp(2500/1024)
     for png in ("passkey/score_vs_length.png", "needle/heatmap.png", "perplexity/perplexity_vs_position.png"):
         assert (tmp_path / png).stat().st_size > 10_000
@@ -229,6 +233,29 @@ def test_a_question_is_answered_greedily(embedded):
     assert record["tokens"] == len(tokenizer.encode(make_sample("needle", tokenizer, 200, 0).prompt))
     assert record["score"] in (0.0, 1.0) and record["answer"].strip()
     assert record["prefill_s"] > 0 and seen[-1] == (record["tokens"], record["tokens"])
+
+
+def test_longheads_samples_record_which_heads_hold_the_answers_chunk(embedded):
+    _, tokenizer = embedded
+    config = LongHeadsConfig(64, 512)
+    model, _ = load(longheads=config)
+    method = evaluation.Method("longheads", config.resolve(8192))
+    record = evaluation.run_sample("passkey", model, tokenizer, method, 1000, 0, 0, lambda done, total: None)
+    by_layer = record["key_chunk_selected_by_layer"]
+    assert len(by_layer) == len(model.layers) and all(0 <= share <= 1 for share in by_layer)
+    assert record["key_chunk_selected"] == pytest.approx(sum(by_layer) / len(by_layer), abs=1e-4)
+    assert 1 <= record["key_chunk"] < 1000 // 64
+
+    log = evaluation.SelectionLog()  # the same step, read for chunks every head holds or none does
+    prompt = tokenizer.encode(make_sample("passkey", tokenizer, 1000, 0, 0).prompt)
+    with log.installed():
+        evaluation.answer_question(model, tokenizer, prompt, 2, make_prompt_cache(model), log.watch(lambda d, t: None))
+    layers = len(model.layers)
+    assert log.share_selecting(0, layers) == [1.0] * layers  # the first chunk is forced
+    assert log.share_selecting((len(prompt) - 1) // 64, layers) == [1.0] * layers  # the own chunk
+    assert log.share_selecting(len(prompt) // 64 + 5, layers) == [0.0] * layers  # not written yet
+    short = evaluation.run_sample("passkey", model, tokenizer, method, 400, 0, 0, lambda done, total: None)
+    assert "key_chunk_selected" not in short  # below L: no selection
 
 
 def test_merging_runs_keeps_each_sample_once_and_refuses_another_seed(tmp_path, fake_model):
