@@ -195,11 +195,20 @@ def selection_variant(method: Method, model: nn.Module) -> Iterator[None]:
         drop = 0 if method.forced == "prev" else k - 1
         return mx.concatenate([slots[..., :drop], slots[..., drop + 1 :]], axis=-1)
 
+    with select_chunks_replaced(select):
+        yield
+
+
+@contextmanager
+def select_chunks_replaced(select: Callable[..., mx.array]) -> Iterator[None]:
+    """`longheads.select_chunks` is `select` while the block runs (the hook of the
+    ablations and of SelectionLog), the previous one after."""
+    previous = longheads.select_chunks
     longheads.select_chunks = select
     try:
         yield
     finally:
-        longheads.select_chunks = original
+        longheads.select_chunks = previous
 
 
 class SelectionLog:
@@ -220,11 +229,8 @@ class SelectionLog:
                 self.selected.append(slots)
             return slots
 
-        longheads.select_chunks = select
-        try:
+        with select_chunks_replaced(select):
             yield
-        finally:
-            longheads.select_chunks = inner
 
     def watch(self, progress: Callable[[int, int], None]) -> Callable[[int, int], None]:
         """mlx-lm reports total - 1 tokens before the last prompt token's step and total
@@ -351,10 +357,10 @@ def question_record(
         prefill_s=round(prefill_s, 2), total_s=round(time.perf_counter() - tic, 2),
     )
     if chunk_size is not None:
-        key_token = len(tokenizer.encode(sample.prompt[: sample.prompt.find(sample.expected[0])]))
-        by_layer = log.share_selecting(key_token // chunk_size, len(model.layers))
+        key_chunk = len(tokenizer.encode(sample.prompt[: sample.prompt.find(sample.expected[0])])) // chunk_size
+        by_layer = log.share_selecting(key_chunk, len(model.layers))
         if by_layer is not None:
-            record.update(key_chunk=key_token // chunk_size, key_chunk_selected=round(sum(by_layer) / len(by_layer), 4),
+            record.update(key_chunk=key_chunk, key_chunk_selected=round(sum(by_layer) / len(by_layer), 4),
                           key_chunk_selected_by_layer=by_layer)
     return record
 
