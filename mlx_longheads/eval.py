@@ -418,8 +418,8 @@ def evaluate(args) -> None:
     tasks = parse_tasks(args.task)
     lengths = parse_lengths(args.lengths)
     max_full = parse_lengths(args.max_length_full)[0]
-    if args.samples < 1:
-        raise ValueError(f"--samples must be at least 1, got {args.samples}")
+    if args.samples < 1 or args.first_sample < 0:
+        raise ValueError(f"--samples must be at least 1 and --first-sample at least 0, got {args.samples}, {args.first_sample}")
     stock, tokenizer = load(args.model, longheads=None)
     trained = stock.args.max_position_embeddings
     flags = LongHeadsConfig(args.chunk_size, args.attention_length, args.selection, args.prefill)
@@ -435,7 +435,8 @@ def evaluate(args) -> None:
             path = results_path(output, task, method.name)
             done, skipped = read_done(path, identity)
             todo = [
-                (n, i) for n in lengths for i in range(args.samples)
+                (n, i) for n in lengths
+                for i in range(args.first_sample, args.first_sample + args.samples)
                 if (n, i) not in done
                 and not (method.kind == "full" and n > max_full and (n, i) in skipped)
             ]
@@ -474,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, help="as for mlx_longheads.generate; default: the embedded SmolLM2-135M-Instruct")
     parser.add_argument("--lengths", default="4k,8k,16k,32k,64k,128k", help="prompt lengths in tokens, e.g. 4k,8k,16k")
     parser.add_argument("--samples", type=int, default=5, help="samples per length (needle: 3 give depths 0, 50, 100%%; 11 fill its depth grid)")
+    parser.add_argument("--first-sample", type=int, default=0, help="index of the first sample: parallel runs can share one length's samples")
     parser.add_argument("--methods", default="longheads,full,window", help=METHOD_HELP)
     parser.add_argument("--output", default="results/eval", help="results folder (resumed if it exists)")
     parser.add_argument("--seed", type=int, default=0, help="the samples' seed; every method gets the same samples")

@@ -40,17 +40,14 @@ BLOCK_BUDGET = 256 * 2**20
 LOG2_E = math.log2(math.e)
 
 # MLX 0.32.4 on CUDA (an H200, float16 model): gather_mm of 128 or 256 rows failed to
-# launch ("cuGraphAddKernelNode ... invalid argument"), one-row products (decode, exact
-# prefill) gave wrong answers or failed in tests, and 64-row products were right
-# (prefill perplexity matched full attention). On CUDA every product is cut or padded
-# to pieces of exactly this many rows.
-CUDA_GATHER_ROWS = 64
+# launch ("cuGraphAddKernelNode ... invalid argument") and products of 1-8 rows (decode,
+# exact prefill) gave wrong answers. On CUDA the chunks are copied out (a take) and
+# multiplied by an ordinary batched matmul instead.
 
 
-def gather_rows_limit() -> Optional[int]:
-    """The rows of every gather_mm on the current device (None: as they come)."""
-    on_cuda = mx.default_device() == mx.gpu and mx.cuda.is_available()
-    return CUDA_GATHER_ROWS if on_cuda else None
+def products_in_place() -> bool:
+    """Whether `mx.gather_mm` / `mx.gather_qmm` can be trusted on the current device."""
+    return not (mx.default_device() == mx.gpu and mx.cuda.is_available())
 
 
 def rotate_in_chunks(x: mx.array, start: int, rope: RoPE, w: int) -> mx.array:
@@ -127,7 +124,8 @@ def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
     """Row of each slot's chunk in a cache buffer viewed as [B * Hk * n_chunks, w, D].
 
     slots [B, G, n, Hs] with Hs = Hk or H (query head h reads KV head h // (H / Hk)).
-    `chunk_product` multiplies these rows in place: no gathered copy of the window.
+    `chunk_product` multiplies these rows in place: no gathered copy of the window
+    (except on CUDA, see `products_in_place`).
     """
     B, _, _, Hs = slots.shape
     kv_head = mx.arange(Hs) // (Hs // n_kv_heads)
@@ -141,20 +139,19 @@ def chunk_product(
     """x @ chunk.T (transpose) or x @ chunk for the chunk at each row of a cache buffer.
 
     The buffer is viewed as [B * Hk * n_chunks, w, d] rows, multiplied in place
-    (`mx.gather_mm`, or `mx.gather_qmm` on quantized keys and values).
+    (`mx.gather_mm`, or `mx.gather_qmm` on quantized keys and values) where the device
+    can be trusted with them, else taken out of the buffer first.
     """
     w = cache.chunk_size
     chunks = tree_map(lambda a: a.reshape(-1, w, a.shape[-1]), buffer)
+    if not products_in_place():
+        gathered = tree_map(lambda a: a[rows], chunks)
+        if cache.bits is not None:
+            gathered = mx.dequantize(*gathered, group_size=cache.group_size, bits=cache.bits)
+        return x @ (gathered.swapaxes(-1, -2) if transpose else gathered)
     if cache.bits is None:
         rhs = chunks.swapaxes(-1, -2) if transpose else chunks
-        M, rows_per_piece = x.shape[-2], gather_rows_limit()
-        if rows_per_piece is None:
-            return mx.gather_mm(x, rhs, rhs_indices=rows)
-        padding = -M % rows_per_piece
-        x = mx.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, padding), (0, 0)])
-        pieces = x.reshape(*x.shape[:-2], -1, rows_per_piece, x.shape[-1])
-        out = mx.gather_mm(pieces, rhs, rhs_indices=rows[..., None])
-        return out.reshape(*x.shape[:-2], M + padding, -1)[..., :M, :]
+        return mx.gather_mm(x, rhs, rhs_indices=rows)
     return mx.gather_qmm(
         x,
         *chunks,

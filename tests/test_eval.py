@@ -161,6 +161,14 @@ def test_a_rerun_keeps_finished_samples(tmp_path, fake_model):
         evaluation.main(common + ["--samples", "3", "--seed", "1"])  # would mix two seeds
 
 
+def test_first_sample_runs_a_later_share_of_the_samples(tmp_path, fake_model):
+    common = ["passkey", "--lengths", "1k", "--methods", "full", "--output", str(tmp_path)]
+    evaluation.main(common + ["--samples", "2", "--first-sample", "3"])
+    evaluation.main(common + ["--samples", "5"])  # 3 and 4 are done
+    lines = results_path(tmp_path, "passkey", "full").read_text().splitlines()
+    assert [json.loads(line)["index"] for line in lines] == [3, 4, 0, 1, 2]
+
+
 def test_the_report_is_drawn_from_the_results(tmp_path):
     base = dict(model="default", seed=0, trained_length=8192, prefill_s=1.0, total_s=2.0)
     records = {

@@ -100,18 +100,20 @@ def test_grouped_mode_shares_one_selection_per_chunk_and_call(selection):
 
 
 @pytest.mark.parametrize("selection", ["query_head", "kv_head"])
-def test_products_in_fixed_row_pieces_are_the_same_attention(monkeypatch, selection):
-    """The CUDA workaround (every gather_mm cut or padded to CUDA_GATHER_ROWS rows),
-    forced here with pieces of 3 rows: prefill groups of 8 or 16 rows, decode of 1 or 2."""
-    monkeypatch.setattr(longheads, "gather_rows_limit", lambda: 3)
-    config = LongHeadsConfig(8, 32, selection=selection)
+@pytest.mark.parametrize("prefill, steps", [("grouped", [64] + [1] * 36), ("exact", [100])])
+def test_products_on_copied_out_chunks_are_the_same_attention(monkeypatch, selection, prefill, steps):
+    """The CUDA path (chunks taken out, then an ordinary matmul), forced on this device."""
+    monkeypatch.setattr(longheads, "products_in_place", lambda: False)
+    config = LongHeadsConfig(8, 32, selection=selection, prefill=prefill)
     q, k, v = random_qkv(100, seed=4)
     t = np.arange(100)
-    group_of = np.where(t < 64, t // 8, t + 1000)  # a prefill of 64, then one token per call
+    prefilled = np.where(t < 64, t // 8, t + 1000)  # a prefill of 64, then one token per call
     expected = reference.longheads(
-        q, k, v, 8, 32, SCALE, BASE, group_of=group_of, per_kv_head=selection == "kv_head"
+        q, k, v, 8, 32, SCALE, BASE,
+        group_of=prefilled if prefill == "grouped" else None,
+        per_kv_head=selection == "kv_head",
     )
-    out, _ = run(q, k, v, config, [64] + [1] * 36)
+    out, _ = run(q, k, v, config, steps)
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
@@ -206,10 +208,15 @@ def quantization_round_trip(k, v, w, bits, group):
     return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
 
 
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
-def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps):
-    """kv_bits changes nothing but the stored keys and values (representations included)."""
+def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(
+    monkeypatch, in_place, bits, prefill, steps
+):
+    """kv_bits changes nothing but the stored keys and values (representations included),
+    multiplied in place (gather_qmm) or taken out and dequantized (the CUDA path)."""
+    monkeypatch.setattr(longheads, "products_in_place", lambda: in_place)
     w, L, d, n = 8, 32, 32, 120
     config = LongHeadsConfig(w, L, prefill=prefill, kv_bits=bits).resolve(None, d)
     assert config.kv_group_size == 32  # the head dim, under 64
