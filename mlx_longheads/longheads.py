@@ -235,7 +235,9 @@ def attend_groups(
     earlier = mx.maximum(position[:, None] - mx.arange(n - 1) * w, 0)
     offsets = mx.concatenate([earlier, own_offset[:, None]], axis=1)  # [G, n]
     q = (queries * (scale * LOG2_E)).transpose(0, 2, 1, 3, 4)[:, :, None]
-    q = mx.broadcast_to(q, (B, G, n, H, g, D)).reshape(B * G * n, H, g, D)
+    # Contiguous: MLX 0.32.4's CUDA RoPE writes a broadcast (stride 0) input's slots over
+    # each other, which a single group (decoding) would otherwise be.
+    q = mx.contiguous(mx.broadcast_to(q, (B, G, n, H, g, D)).reshape(B * G * n, H, g, D))
     q = rope(q, offset=mx.tile(offsets.reshape(-1), B))
     q = q.reshape(B, G, n, Hs, R * g, D)
     scores = chunk_product(q, cache.keys, rows, cache, transpose=True)
