@@ -39,14 +39,14 @@ BLOCK_BUDGET = 256 * 2**20
 
 LOG2_E = math.log2(math.e)
 
-# MLX 0.32.4 on CUDA (an H200, float16 model): gather_mm of 128 or 256 rows failed to
-# launch ("cuGraphAddKernelNode ... invalid argument") and products of 1-8 rows (decode,
-# exact prefill) gave wrong answers. On CUDA the chunks are copied out (a take) and
-# multiplied by an ordinary batched matmul instead.
+# MLX 0.32.4 on CUDA (an H200): gather_mm of 128 or 256 rows failed to launch
+# ("cuGraphAddKernelNode ... invalid argument"). There the chunks are taken out of the
+# buffer and multiplied by an ordinary batched matmul instead; gather_qmm passed the
+# tests there and stays.
 
 
 def products_in_place() -> bool:
-    """Whether `mx.gather_mm` / `mx.gather_qmm` can be trusted on the current device."""
+    """Whether `mx.gather_mm` can be trusted on the current device."""
     return not (mx.default_device() == mx.gpu and mx.cuda.is_available())
 
 
@@ -125,7 +125,7 @@ def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
 
     slots [B, G, n, Hs] with Hs = Hk or H (query head h reads KV head h // (H / Hk)).
     `chunk_product` multiplies these rows in place: no gathered copy of the window
-    (except on CUDA, see `products_in_place`).
+    (except on CUDA without kv_bits, see `products_in_place`).
     """
     B, _, _, Hs = slots.shape
     kv_head = mx.arange(Hs) // (Hs // n_kv_heads)
@@ -139,27 +139,25 @@ def chunk_product(
     """x @ chunk.T (transpose) or x @ chunk for the chunk at each row of a cache buffer.
 
     The buffer is viewed as [B * Hk * n_chunks, w, d] rows, multiplied in place
-    (`mx.gather_mm`, or `mx.gather_qmm` on quantized keys and values) where the device
-    can be trusted with them, else taken out of the buffer first.
+    (`mx.gather_qmm` on quantized keys and values, else `mx.gather_mm` where the device
+    can be trusted with it, else taken out of the buffer first).
     """
     w = cache.chunk_size
     chunks = tree_map(lambda a: a.reshape(-1, w, a.shape[-1]), buffer)
-    if not products_in_place():
-        gathered = tree_map(lambda a: a[rows], chunks)
-        if cache.bits is not None:
-            gathered = mx.dequantize(*gathered, group_size=cache.group_size, bits=cache.bits)
-        return x @ (gathered.swapaxes(-1, -2) if transpose else gathered)
-    if cache.bits is None:
+    if cache.bits is not None:
+        return mx.gather_qmm(
+            x,
+            *chunks,
+            rhs_indices=rows,
+            transpose=transpose,
+            group_size=cache.group_size,
+            bits=cache.bits,
+        )
+    if products_in_place():
         rhs = chunks.swapaxes(-1, -2) if transpose else chunks
         return mx.gather_mm(x, rhs, rhs_indices=rows)
-    return mx.gather_qmm(
-        x,
-        *chunks,
-        rhs_indices=rows,
-        transpose=transpose,
-        group_size=cache.group_size,
-        bits=cache.bits,
-    )
+    taken = chunks[rows]
+    return x @ (taken.swapaxes(-1, -2) if transpose else taken)
 
 
 def window_slots(

@@ -208,15 +208,10 @@ def quantization_round_trip(k, v, w, bits, group):
     return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
 
 
-@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
-def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(
-    monkeypatch, in_place, bits, prefill, steps
-):
-    """kv_bits changes nothing but the stored keys and values (representations included),
-    multiplied in place (gather_qmm) or taken out and dequantized (the CUDA path)."""
-    monkeypatch.setattr(longheads, "products_in_place", lambda: in_place)
+def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps):
+    """kv_bits changes nothing but the stored keys and values (representations included)."""
     w, L, d, n = 8, 32, 32, 120
     config = LongHeadsConfig(w, L, prefill=prefill, kv_bits=bits).resolve(None, d)
     assert config.kv_group_size == 32  # the head dim, under 64
