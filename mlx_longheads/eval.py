@@ -29,7 +29,7 @@ from . import longheads
 from .cli import exit_on_bad_input
 from .config import LongHeadsConfig
 from .eval_report import TASK_ORDER, results_path, write_report
-from .generation import format_context_length, parse_context_length, stream_generate
+from .generation import format_context_length, parse_context_length, prefill_status, stream_generate
 from .load import load
 from .tasks import make_sample, perplexity_text
 
@@ -264,10 +264,7 @@ class Progress:
         start = time.perf_counter()
 
         def show(done: int, total: int) -> None:
-            elapsed = time.perf_counter() - start
-            rate = done / elapsed if elapsed > 0 else 0.0
-            left = f", {(total - done) / rate:,.0f}s left" if rate > 0 else ""
-            self.write(f"{label}: prefill {done}/{total} tokens, {rate:,.1f} tok/s{left}")
+            self.write(f"{label}: prefill {prefill_status(done, total, time.perf_counter() - start)}")
 
         return show
 

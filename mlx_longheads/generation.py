@@ -106,6 +106,13 @@ def generate(model, tokenizer, prompt, max_tokens: int = 256, **kwargs) -> str:
     )
 
 
+def prefill_status(done: int, total: int, elapsed: float) -> str:
+    """Tokens done of the prompt, the rate and the time left, for a progress line."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    left = f", {(total - done) / rate:,.0f}s left" if rate > 0 else ""
+    return f"{done}/{total} tokens, {rate:,.1f} tok/s{left}"
+
+
 class PrefillProgress:
     """A progress bar on stderr for the prompt: tokens done, tokens/s, time left."""
 
@@ -118,14 +125,9 @@ class PrefillProgress:
         if self.start is None:
             self.start = now
             return
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = (total - done) / rate if rate > 0 else 0.0
         filled = int(30 * done / max(total, 1))
-        self.stream.write(
-            f"\rprefill [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} tokens "
-            f"{rate:,.0f} tok/s {left:,.0f}s left "
-        )
+        status = prefill_status(done, total, now - self.start)
+        self.stream.write(f"\rprefill [{'#' * filled}{'.' * (30 - filled)}] {status} ")
         if done >= total:
             self.stream.write("\n")
         self.stream.flush()

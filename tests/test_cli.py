@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import assert_one_line_error, run_module as run
-from mlx_longheads.generation import LimitError, check_memory, parse_context_length, truncate
+from mlx_longheads.generation import LimitError, check_memory, parse_context_length, prefill_status, truncate
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
@@ -126,3 +126,8 @@ def test_too_little_memory_stops_before_prefill(monkeypatch):
     monkeypatch.setattr(generation, "available_bytes", lambda: 2 * 10**9)
     with pytest.raises(LimitError, match="lower --max-context or use a more quantized model"):
         check_memory(tiny_model("llama"), 10**7, None)
+
+
+def test_prefill_progress_shows_the_rate_and_the_time_left():
+    assert prefill_status(100, 400, 2.0) == "100/400 tokens, 50.0 tok/s, 6s left"
+    assert prefill_status(0, 400, 0.0) == "0/400 tokens, 0.0 tok/s"
