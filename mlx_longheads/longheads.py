@@ -311,9 +311,10 @@ def longheads_attention(
     G, g = groups.shape[2], groups.shape[3]
 
     # Working arrays per group: rotated queries, scores and exponentials (float32),
-    # per-slot outputs.
+    # per-slot outputs, and the chunks' keys and values where they are taken out.
     k = config.num_chunks
-    per_group = H * k * g * (2 * D + 3 * w) * 4
+    taken = 0 if products_in_place() else 2 * w * D
+    per_group = H * k * (g * (2 * D + 3 * w) + taken) * 4
     block = max(1, BLOCK_BUDGET // per_group)
     outputs = [
         attend_groups(
