@@ -21,3 +21,11 @@ for method in longheads:L=6144 longheads:score=rotated longheads:sel=kv_head lon
 done
 $python -m mlx_longheads.eval passkey --lengths 32k --samples 1 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# Second session of 2026-11-26: the H200's 8k misses (samples 3, 11, 12) rerun in float32;
+# chunk 128 on 8k samples 10-19 and on the 16k misses 7 and 8; aggregation with the defaults.
+$python -m mlx_longheads.eval passkey --lengths 8k --samples 1 --first-sample 3 --methods longheads --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 8k --samples 2 --first-sample 11 --methods longheads --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 8k --samples 10 --first-sample 10 --methods longheads:w=128 --output results/eval
+$python -m mlx_longheads.eval aggregation --lengths 8k --samples 5 --methods longheads --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 16k --samples 2 --first-sample 7 --methods longheads:w=128 --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
