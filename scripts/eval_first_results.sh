@@ -28,4 +28,5 @@ $python -m mlx_longheads.eval passkey --lengths 8k --samples 2 --first-sample 11
 $python -m mlx_longheads.eval passkey --lengths 8k --samples 10 --first-sample 10 --methods longheads:w=128 --output results/eval
 $python -m mlx_longheads.eval aggregation --lengths 8k --samples 5 --methods longheads --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 16k --samples 2 --first-sample 7 --methods longheads:w=128 --output results/eval
+$python -m mlx_longheads.eval needle --lengths 8k --samples 3 --first-sample 3 --methods longheads:w=128 --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
