@@ -14,7 +14,7 @@ Methods take turns at each context, so a drifting machine load hits them alike.
 
 Kernel level (--kernel): one attention layer at Llama-3-8B shapes (32 query heads,
 8 KV heads, head dim 128, trained length 8192 so LongHeads' defaults are chunk 256,
-attention length 4096), LongHeads' `longheads_attention` against
+attention length 2048), LongHeads' `longheads_attention` against
 `mx.fast.scaled_dot_product_attention` over the whole cache (after mlx-lm's cache
 update), for a decode step and a prefill block, with the bytes of K/V each reads and
 writes, the GB/s that makes, and the machine's measured read bandwidth to hold it to.

@@ -115,14 +115,15 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
     """baselines: issue #5 part 3; ablation: part 4. Lengths are fractions of the
     trained length, rounded to a multiple of every chunk size used."""
     fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
-    quarter, three_quarters = fraction(0.25), fraction(0.75)
+    quarter, half, three_quarters = fraction(0.25), fraction(0.5), fraction(0.75)
     return {
         "baselines": [
             "full", "window", "longheads", "longheads:sel=kv_head", "longheads:prefill=exact",
-            f"longheads:L={quarter}", f"longheads:L={three_quarters}", "longheads:w=128",
+            f"longheads:L={quarter}", f"longheads:L={half}", f"longheads:L={three_quarters}",
+            "longheads:w=128",
         ],
         "ablation": [
-            f"longheads:L={quarter}", "longheads", f"longheads:L={three_quarters}",
+            "longheads", f"longheads:L={quarter}", f"longheads:L={half}", f"longheads:L={three_quarters}",
             "longheads:w=64", "longheads:w=128", "longheads:w=256",
             "longheads:prefill=exact", "longheads:sel=kv_head", "longheads:score=rotated",
             "longheads:forced=first", "longheads:forced=prev",

@@ -31,9 +31,13 @@ $python -m mlx_longheads.eval passkey --lengths 16k --samples 2 --first-sample 7
 $python -m mlx_longheads.eval needle --lengths 8k --samples 3 --first-sample 3 --methods longheads:w=128 --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
 # Third session of 2026-11-26: L 2048 (a quarter of the trained length), the H100's best
-# at 16k, on the defaults' 8k misses and neighbours, the needle at 8k, perplexity and 32k.
+# at 16k, on the defaults' 8k misses and neighbours, the needle at 8k, perplexity and 32k;
+# then the ablations the GPU did not reach, on two of those 8k samples.
 $python -m mlx_longheads.eval passkey --lengths 8k --samples 8 --first-sample 11 --methods longheads:L=2048 --output results/eval
 $python -m mlx_longheads.eval needle --lengths 8k --samples 11 --methods longheads:L=2048 --output results/eval
 $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:L=2048 --output results/eval
-$python -m mlx_longheads.eval passkey --lengths 32k --samples 3 --methods longheads:L=2048 --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 32k --samples 2 --methods longheads:L=2048 --output results/eval
+for method in forced=first forced=prev score=rotated w=64; do
+    $python -m mlx_longheads.eval passkey --lengths 8k --samples 2 --first-sample 11 --methods longheads:L=2048,$method --output results/eval
+done
 $python -m mlx_longheads.eval report --output results/eval

@@ -14,7 +14,7 @@ from mlx_longheads.models import apply_longheads
 
 @pytest.fixture
 def tiny_load(monkeypatch):
-    """bench's load() gives tiny llama models (trained length 256: chunk 32, L 128)."""
+    """bench's load() gives tiny llama models (trained length 256: chunk 16, L 64)."""
 
     def load(model=None, longheads=None, max_context=None):
         m = tiny_model("llama")

@@ -85,12 +85,13 @@ def test_samples_are_deterministic(tokenizer):
 def test_method_names_are_canonical():
     flags, trained = LongHeadsConfig(), 8192
     names = [m.name for m in evaluation.parse_methods("longheads:L=2048,w=128,full,window", flags, trained)]
-    assert names == ["longheads:L=2048,w=128,sel=query_head,prefill=grouped", "full", "window:L=4096"]
-    same = evaluation.parse_methods("longheads,longheads:L=4096,w=256", flags, trained)
+    assert names == ["longheads:L=2048,w=128,sel=query_head,prefill=grouped", "full", "window:L=2048"]
+    same = evaluation.parse_methods("longheads,longheads:L=2048,w=256", flags, trained)
     assert len(same) == 1
     ablation = [m.name for m in evaluation.parse_methods("ablation", flags, trained)]
-    assert "longheads:L=6144,w=256,sel=query_head,prefill=grouped" in ablation
-    assert "longheads:L=4096,w=256,sel=query_head,prefill=grouped,forced=prev" in ablation
+    for length in (2048, 4096, 6144):  # a quarter, half and three quarters of the trained length
+        assert f"longheads:L={length},w=256,sel=query_head,prefill=grouped" in ablation
+    assert "longheads:L=2048,w=256,sel=query_head,prefill=grouped,forced=prev" in ablation
     for bad in ("sparse", "longheads:x=1", "longheads:L=big", "window:w=3", "longheads:score=odd"):
         with pytest.raises(ValueError):
             evaluation.parse_methods(bad, flags, trained)
@@ -155,7 +156,7 @@ def test_a_rerun_keeps_finished_samples(tmp_path, fake_model):
     ]
     assert all("skipped" in r for r in records if r["length"] == 65536)  # beyond --max-length-full
     assert {(r["device"], r["dtype"]) for r in records} == {(str(mx.default_device()), "mlx.core.float32")}
-    window = results_path(tmp_path, "passkey", "window:L=4096").read_text().splitlines()
+    window = results_path(tmp_path, "passkey", "window:L=2048").read_text().splitlines()
     assert len(window) == 6 and all('"score": 1.0' in line for line in window)
     with pytest.raises(SystemExit):
         evaluation.main(common + ["--samples", "3", "--seed", "1"])  # would mix two seeds

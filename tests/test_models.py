@@ -158,10 +158,10 @@ def test_kv_bits_8_stays_close_to_float(arch, shape, monkeypatch):
 
 def test_defaults_come_from_the_trained_length():
     config = apply_longheads(tiny_model("llama"))
-    assert config.attention_length == 128  # half of max_position_embeddings 256
-    assert config.chunk_size == 32  # 256 capped so that at least 4 chunks fit
+    assert config.attention_length == 64  # a quarter of max_position_embeddings 256
+    assert config.chunk_size == 16  # 256 capped so that at least 4 chunks fit
     big = LongHeadsConfig().resolve(8192)
-    assert (big.chunk_size, big.attention_length) == (256, 4096)
+    assert (big.chunk_size, big.attention_length) == (256, 2048)
 
 
 def test_make_cache_gives_longheads_caches():
