@@ -1,0 +1,96 @@
+"""Is a missed needle lost by the chunk selection or by the short window? An oracle.
+
+Runs the eval's needle prompt (greedy, like `python -m mlx_longheads.eval needle`) with
+`longheads.select_chunks` wrapped so that, for the question's last tokens and the answer,
+every head's retrieved chunks include the needle's chunk (it replaces the lowest-numbered
+retrieved one). The text before is prefilled as usual. If the answer becomes right, the
+window was long enough and the score (q . rep) did not rank the needle's chunk.
+
+  python scripts/needle_oracle.py --samples 3,4,9 --output results/needle_oracle.md
+"""
+
+import argparse
+from pathlib import Path
+
+import mlx_longheads  # noqa: F401  (loads OpenBLAS before MLX on Linux)
+import mlx.core as mx
+
+import mlx_longheads.longheads as longheads
+from mlx_longheads import LongHeadsConfig, load
+from mlx_longheads.tasks import make_sample
+
+PREFILL_STEP = 2048  # as mlx-lm's generate
+
+
+def forcing(original, chunk: int, active: list):
+    """`original` select_chunks, with `chunk` among the retrieved slots while active[0]."""
+
+    def select(query_sums, representations, own, k, n_kv_heads=None):
+        slots = original(query_sums, representations, own, k, n_kv_heads)
+        if not active[0]:
+            return slots
+        retrieved = slots[..., 1 : k - 2]
+        first = mx.full(retrieved[..., :1].shape, chunk, retrieved.dtype)
+        swapped = mx.sort(mx.concatenate([first, retrieved[..., 1:]], axis=-1), axis=-1)
+        keep = (retrieved == chunk).any(axis=-1, keepdims=True) | (own[:, None] - 2 < chunk)
+        retrieved = mx.where(keep, retrieved, swapped)
+        return mx.concatenate([slots[..., :1], retrieved, slots[..., k - 2 :]], axis=-1)
+
+    return select
+
+
+def answer(model, tokenizer, prompt, tail: int, max_tokens: int, active: list) -> str:
+    cache = model.make_cache()
+    active[0] = False
+    for start in range(0, len(prompt) - tail, PREFILL_STEP):
+        model(mx.array([prompt[start : min(start + PREFILL_STEP, len(prompt) - tail)]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    active[0] = True
+    logits, tokens = model(mx.array([prompt[-tail:]]), cache=cache), []
+    for _ in range(max_tokens):
+        tokens.append(logits[0, -1].argmax().item())
+        logits = model(mx.array([tokens[-1:]]), cache=cache)
+    return tokenizer.decode(tokens)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", default="3,4,9", help="needle sample indices")
+    parser.add_argument("--length", type=int, default=8192)
+    parser.add_argument("--attention-length", type=int, default=None)
+    parser.add_argument("--tail", type=int, default=40, help="last prompt tokens forced")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    model, tokenizer = load(longheads=LongHeadsConfig(attention_length=args.attention_length))
+    config, original = model.layers[0].self_attn.config, longheads.select_chunks
+    rows = [
+        f"# Needle oracle: the needle's chunk forced into every head for the last {args.tail} prompt tokens and the answer",
+        "",
+        f"Command: `python scripts/needle_oracle.py --samples {args.samples} --length {args.length}"
+        f" --tail {args.tail}` (L {config.attention_length}, chunk {config.chunk_size}, grouped prefill)",
+        "",
+        "| sample | depth | needle chunk | expected | answer with the chunk forced | found |",
+        "|---|---|---|---|---|---|",
+    ]
+    for index in map(int, args.samples.split(",")):
+        sample = make_sample("needle", tokenizer, args.length, index)
+        prompt = tokenizer.encode(sample.prompt)
+        chunk = len(tokenizer.encode(sample.prompt[: sample.prompt.find(sample.expected[0])])) // config.chunk_size
+        active = [False]
+        longheads.select_chunks = forcing(original, chunk, active)
+        try:
+            text = answer(model, tokenizer, prompt, args.tail, sample.max_tokens, active)
+        finally:
+            longheads.select_chunks = original
+        shown = repr(text.strip()[:30]).replace("|", "\\|")  # a table cell
+        found = "yes" if sample.score(text) >= 1 else "no"
+        rows.append(f"| {index} | {sample.depths[0]:.0%} | {chunk} | {sample.expected[0]} | {shown} | {found} |")
+        print(rows[-1], flush=True)
+    report = "\n".join(rows) + "\n"
+    if args.output:
+        Path(args.output).write_text(report)
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
