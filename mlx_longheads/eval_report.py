@@ -172,7 +172,7 @@ def plot_needle_heatmaps(methods: Dict[str, List[dict]], path: Path) -> None:
                 if scores:
                     grid[i][j] = mean(scores)
                     ax.text(j, i, f"{grid[i][j]:.1f}", ha="center", va="center", fontsize=7)
-                elif any(r["length"] == n for r in methods[name]):
+                elif any(r["length"] == n and "skipped" in r for r in methods[name]):
                     ax.text(j, i, "skipped", ha="center", va="center", fontsize=6, color="gray")
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(lengths)), [format_context_length(n) for n in lengths])

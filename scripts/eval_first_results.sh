@@ -41,3 +41,7 @@ for method in forced=first forced=prev score=rotated w=64; do
     $python -m mlx_longheads.eval passkey --lengths 8k --samples 2 --first-sample 11 --methods longheads:L=2048,$method --output results/eval
 done
 $python -m mlx_longheads.eval report --output results/eval
+# The new default (L 2048) on the rest of the 20 passkey samples at 8k.
+$python -m mlx_longheads.eval passkey --lengths 8k --samples 11 --first-sample 0 --methods longheads --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 8k --samples 1 --first-sample 19 --methods longheads --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
