@@ -355,7 +355,7 @@ def question_record(
         prefill_s=round(prefill_s, 2), total_s=round(time.perf_counter() - tic, 2),
     )
     if chunk_size is not None:
-        key_chunk = len(tokenizer.encode(sample.prompt[: sample.prompt.find(sample.expected[0])])) // chunk_size
+        key_chunk = sample.answer_chunk(tokenizer, chunk_size)
         by_layer = log.share_selecting(key_chunk, len(model.layers))
         if by_layer is not None:
             record.update(key_chunk=key_chunk, key_chunk_selected=round(sum(by_layer) / len(by_layer), 4),

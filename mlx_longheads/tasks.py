@@ -59,6 +59,11 @@ class Sample:
     params: Dict[str, object]  # what the rng chose, for the results file
     score: Callable[[str], float] = field(compare=False, repr=False)
 
+    def answer_chunk(self, tokenizer, chunk_size: int) -> int:
+        """The chunk of the prompt holding the first expected answer's first occurrence."""
+        before = self.prompt[: self.prompt.find(self.expected[0])]
+        return len(tokenizer.encode(before)) // chunk_size
+
 
 @lru_cache(maxsize=4)
 def corpus_tokens(tokenizer) -> Tuple[int, ...]:

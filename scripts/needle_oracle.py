@@ -17,18 +17,18 @@ import mlx.core as mx
 
 import mlx_longheads.longheads as longheads
 from mlx_longheads import LongHeadsConfig, load
+from mlx_longheads.eval import select_chunks_replaced
 from mlx_longheads.tasks import make_sample
 
 PREFILL_STEP = 2048  # as mlx-lm's generate
 
 
-def forcing(original, chunk: int, active: list):
-    """`original` select_chunks, with `chunk` among the retrieved slots while active[0]."""
+def forcing(chunk: int):
+    """select_chunks with `chunk` among every head's retrieved slots (when a candidate)."""
+    original = longheads.select_chunks
 
     def select(query_sums, representations, own, k, n_kv_heads=None):
         slots = original(query_sums, representations, own, k, n_kv_heads)
-        if not active[0]:
-            return slots
         retrieved = slots[..., 1 : k - 2]
         first = mx.full(retrieved[..., :1].shape, chunk, retrieved.dtype)
         swapped = mx.sort(mx.concatenate([first, retrieved[..., 1:]], axis=-1), axis=-1)
@@ -39,17 +39,17 @@ def forcing(original, chunk: int, active: list):
     return select
 
 
-def answer(model, tokenizer, prompt, tail: int, max_tokens: int, active: list) -> str:
-    cache = model.make_cache()
-    active[0] = False
-    for start in range(0, len(prompt) - tail, PREFILL_STEP):
-        model(mx.array([prompt[start : min(start + PREFILL_STEP, len(prompt) - tail)]]), cache=cache)
+def answer(model, tokenizer, prompt, tail: int, max_tokens: int, chunk: int) -> str:
+    """Greedy answer; `chunk` forced for the last `tail` prompt tokens and the answer."""
+    cache, head = model.make_cache(), prompt[:-tail]
+    for start in range(0, len(head), PREFILL_STEP):
+        model(mx.array([head[start : start + PREFILL_STEP]]), cache=cache)
         mx.eval([c.state for c in cache])
-    active[0] = True
-    logits, tokens = model(mx.array([prompt[-tail:]]), cache=cache), []
-    for _ in range(max_tokens):
-        tokens.append(logits[0, -1].argmax().item())
-        logits = model(mx.array([tokens[-1:]]), cache=cache)
+    with select_chunks_replaced(forcing(chunk)):
+        logits, tokens = model(mx.array([prompt[-tail:]]), cache=cache), []
+        for _ in range(max_tokens):
+            tokens.append(logits[0, -1].argmax().item())
+            logits = model(mx.array([tokens[-1:]]), cache=cache)
     return tokenizer.decode(tokens)
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     model, tokenizer = load(longheads=LongHeadsConfig(attention_length=args.attention_length))
-    config, original = model.layers[0].self_attn.config, longheads.select_chunks
+    config = model.layers[0].self_attn.config
     rows = [
         f"# Needle oracle: the needle's chunk forced into every head for the last {args.tail} prompt tokens and the answer",
         "",
@@ -74,14 +74,8 @@ def main() -> None:
     ]
     for index in map(int, args.samples.split(",")):
         sample = make_sample("needle", tokenizer, args.length, index)
-        prompt = tokenizer.encode(sample.prompt)
-        chunk = len(tokenizer.encode(sample.prompt[: sample.prompt.find(sample.expected[0])])) // config.chunk_size
-        active = [False]
-        longheads.select_chunks = forcing(original, chunk, active)
-        try:
-            text = answer(model, tokenizer, prompt, args.tail, sample.max_tokens, active)
-        finally:
-            longheads.select_chunks = original
+        chunk = sample.answer_chunk(tokenizer, config.chunk_size)
+        text = answer(model, tokenizer, tokenizer.encode(sample.prompt), args.tail, sample.max_tokens, chunk)
         shown = repr(text.strip()[:30]).replace("|", "\\|")  # a table cell
         found = "yes" if sample.score(text) >= 1 else "no"
         rows.append(f"| {index} | {sample.depths[0]:.0%} | {chunk} | {sample.expected[0]} | {shown} | {found} |")
