@@ -45,3 +45,11 @@ $python -m mlx_longheads.eval report --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 8k --samples 11 --first-sample 0 --methods longheads --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 8k --samples 1 --first-sample 19 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# 2026-11-26, fourth session: the new default past the trained length. Run as two processes
+# side by side (each into its own folder, merged with scripts/merge_eval_results.py; the
+# lines below give the same samples run one after another): 64k samples 0-4, then 32k
+# samples 2-5 and 11-12 (the runs were meant for 2-19 and stopped when the session's time ran out).
+$python -m mlx_longheads.eval passkey --lengths 64k --samples 5 --methods longheads --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 32k --samples 4 --first-sample 2 --methods longheads --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 32k --samples 2 --first-sample 11 --methods longheads --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
