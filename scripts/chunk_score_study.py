@@ -14,11 +14,10 @@ after the key's chunk (the rotated score of the ablations).
   max key   max_j q' . k~_j
   mass      logsumexp_j q' . k~_j     (the attention the chunk would get)
 
-  python scripts/chunk_score_study.py --task needle --samples 3,4,9 --output results/chunk_scores.md
+  python scripts/chunk_score_study.py --task needle --samples 1,2,3,4,5,6,7,8,9 --output results/chunk_scores_needle.md
 """
 
 import argparse
-from pathlib import Path
 from typing import Dict, List
 
 import mlx_longheads  # noqa: F401  (loads OpenBLAS before MLX on Linux)
@@ -28,17 +27,14 @@ import mlx_longheads.longheads as longheads
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import select_chunks_replaced
 from mlx_longheads.tasks import make_sample
+from needle_oracle import prefilled, write_report  # scripts/ is on the path when run
 
-PREFILL_STEP = 2048  # as mlx-lm's generate
 RULES = ["paper", "rotated", "mean key", "bound", "max key", "mass"]
 
 
 def last_token_queries(model, prompt: List[int]) -> tuple:
     """The caches after the prompt and, per layer, the last token's raw query [H, D]."""
-    cache, queries = model.make_cache(), []
-    for start in range(0, len(prompt) - 1, PREFILL_STEP):
-        model(mx.array([prompt[start : min(start + PREFILL_STEP, len(prompt) - 1)]]), cache=cache)
-        mx.eval([c.state for c in cache])
+    cache, queries = prefilled(model, prompt[:-1]), []
     original = longheads.select_chunks
 
     def record(query_sums, *args, **kwargs):
@@ -114,10 +110,7 @@ def main() -> None:
         means = " | ".join(f"{sum(s) / len(s):.2f}" for s in shares.values())
         rows.append(f"| {index} | {sample.depths[0]:.0%} | {chunk} | {(k - 3) / (own - 2):.2f} | {means} |")
         print(rows[-1], flush=True)
-    report = "\n".join(rows) + "\n"
-    if args.output:
-        Path(args.output).write_text(report)
-    print(report)
+    write_report(rows, args.output)
 
 
 if __name__ == "__main__":

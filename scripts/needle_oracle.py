@@ -11,16 +11,15 @@ window was long enough and the score (q . rep) did not rank the needle's chunk.
 
 import argparse
 from pathlib import Path
+from typing import List, Optional
 
 import mlx_longheads  # noqa: F401  (loads OpenBLAS before MLX on Linux)
 import mlx.core as mx
 
 import mlx_longheads.longheads as longheads
 from mlx_longheads import LongHeadsConfig, load
-from mlx_longheads.eval import select_chunks_replaced
+from mlx_longheads.eval import PREFILL_STEP, select_chunks_replaced
 from mlx_longheads.tasks import make_sample
-
-PREFILL_STEP = 2048  # as mlx-lm's generate
 
 
 def forcing(chunk: int):
@@ -39,12 +38,26 @@ def forcing(chunk: int):
     return select
 
 
+def prefilled(model, tokens: List[int]) -> list:
+    """A fresh cache holding `tokens`, fed in mlx-lm's prefill steps."""
+    cache = model.make_cache()
+    for start in range(0, len(tokens), PREFILL_STEP):
+        model(mx.array([tokens[start : start + PREFILL_STEP]]), cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache
+
+
+def write_report(rows: List[str], output: Optional[str]) -> None:
+    """The markdown table to `output` (when given) and to stdout."""
+    report = "\n".join(rows) + "\n"
+    if output:
+        Path(output).write_text(report)
+    print(report)
+
+
 def answer(model, tokenizer, prompt, tail: int, max_tokens: int, chunk: int) -> str:
     """Greedy answer; `chunk` forced for the last `tail` prompt tokens and the answer."""
-    cache, head = model.make_cache(), prompt[:-tail]
-    for start in range(0, len(head), PREFILL_STEP):
-        model(mx.array([head[start : start + PREFILL_STEP]]), cache=cache)
-        mx.eval([c.state for c in cache])
+    cache = prefilled(model, prompt[:-tail])
     with select_chunks_replaced(forcing(chunk)):
         logits, tokens = model(mx.array([prompt[-tail:]]), cache=cache), []
         for _ in range(max_tokens):
@@ -80,10 +93,7 @@ def main() -> None:
         found = "yes" if sample.score(text) >= 1 else "no"
         rows.append(f"| {index} | {sample.depths[0]:.0%} | {chunk} | {sample.expected[0]} | {shown} | {found} |")
         print(rows[-1], flush=True)
-    report = "\n".join(rows) + "\n"
-    if args.output:
-        Path(args.output).write_text(report)
-    print(report)
+    write_report(rows, args.output)
 
 
 if __name__ == "__main__":
