@@ -6,10 +6,16 @@ every head's retrieved chunks include the needle's chunk (it replaces the lowest
 retrieved one). The text before is prefilled as usual. If the answer becomes right, the
 window was long enough and the score (q . rep) did not rank the needle's chunk.
 
+With `--tail-selection exact` nothing is forced: the last tokens are fed one at a time, so each
+selects its own chunks with the library's rule (exact selection) instead of sharing its chunk
+group's summed query (grouped prefill). Does the question's own query find the needle?
+
   python scripts/needle_oracle.py --samples 3,4,9 --output results/needle_oracle.md
+  python scripts/needle_oracle.py --samples 3,4,9 --tail-selection exact --output results/needle_exact_tail.md
 """
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,11 +61,18 @@ def write_report(rows: List[str], output: Optional[str]) -> None:
     print(report)
 
 
-def answer(model, tokenizer, prompt, tail: int, max_tokens: int, chunk: int) -> str:
-    """Greedy answer; `chunk` forced for the last `tail` prompt tokens and the answer."""
+def answer(model, tokenizer, prompt, tail: int, max_tokens: int, chunk: Optional[int]) -> str:
+    """Greedy answer; `chunk` forced for the last `tail` prompt tokens and the answer, or
+    (chunk None) those tokens fed one at a time with the library's own selection."""
     cache = prefilled(model, prompt[:-tail])
-    with select_chunks_replaced(forcing(chunk)):
-        logits, tokens = model(mx.array([prompt[-tail:]]), cache=cache), []
+    with select_chunks_replaced(forcing(chunk)) if chunk is not None else nullcontext():
+        if chunk is None:
+            for token in prompt[-tail:]:
+                logits = model(mx.array([[token]]), cache=cache)
+                mx.eval(logits)
+        else:
+            logits = model(mx.array([prompt[-tail:]]), cache=cache)
+        tokens = []
         for _ in range(max_tokens):
             tokens.append(logits[0, -1].argmax().item())
             logits = model(mx.array([tokens[-1:]]), cache=cache)
@@ -72,23 +85,31 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--attention-length", type=int, default=None)
     parser.add_argument("--tail", type=int, default=40, help="last prompt tokens forced")
+    parser.add_argument("--tail-selection", default="forced", choices=["forced", "exact"])
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     model, tokenizer = load(longheads=LongHeadsConfig(attention_length=args.attention_length))
     config = model.layers[0].self_attn.config
+    forced = args.tail_selection == "forced"
+    title = {
+        "forced": f"the needle's chunk forced into every head for the last {args.tail} prompt tokens and the answer",
+        "exact": f"the last {args.tail} prompt tokens fed one at a time (exact selection), nothing forced",
+    }[args.tail_selection]
     rows = [
-        f"# Needle oracle: the needle's chunk forced into every head for the last {args.tail} prompt tokens and the answer",
+        f"# Needle oracle: {title}",
         "",
         f"Command: `python scripts/needle_oracle.py --samples {args.samples} --length {args.length}"
-        f" --tail {args.tail}` (L {config.attention_length}, chunk {config.chunk_size}, grouped prefill)",
+        f" --tail {args.tail} --tail-selection {args.tail_selection}`"
+        f" (L {config.attention_length}, chunk {config.chunk_size}, grouped prefill before the tail)",
         "",
-        "| sample | depth | needle chunk | expected | answer with the chunk forced | found |",
+        f"| sample | depth | needle chunk | expected | answer ({args.tail_selection} tail) | found |",
         "|---|---|---|---|---|---|",
     ]
     for index in map(int, args.samples.split(",")):
         sample = make_sample("needle", tokenizer, args.length, index)
         chunk = sample.answer_chunk(tokenizer, config.chunk_size)
-        text = answer(model, tokenizer, tokenizer.encode(sample.prompt), args.tail, sample.max_tokens, chunk)
+        prompt = tokenizer.encode(sample.prompt)
+        text = answer(model, tokenizer, prompt, args.tail, sample.max_tokens, chunk if forced else None)
         shown = repr(text.strip()[:30]).replace("|", "\\|")  # a table cell
         found = "yes" if sample.score(text) >= 1 else "no"
         rows.append(f"| {index} | {sample.depths[0]:.0%} | {chunk} | {sample.expected[0]} | {shown} | {found} |")
