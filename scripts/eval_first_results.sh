@@ -53,3 +53,8 @@ $python -m mlx_longheads.eval passkey --lengths 64k --samples 5 --methods longhe
 $python -m mlx_longheads.eval passkey --lengths 32k --samples 4 --first-sample 2 --methods longheads --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 32k --samples 2 --first-sample 11 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# 2026-11-26, fifth session: the default's other 12 passkey samples at 32k (6-10 and 13-19),
+# again as two processes side by side, merged with scripts/merge_eval_results.py.
+$python -m mlx_longheads.eval passkey --lengths 32k --samples 5 --first-sample 6 --methods longheads --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 32k --samples 7 --first-sample 13 --methods longheads --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
