@@ -57,4 +57,6 @@ $python -m mlx_longheads.eval report --output results/eval
 # again as two processes side by side, merged with scripts/merge_eval_results.py.
 $python -m mlx_longheads.eval passkey --lengths 32k --samples 5 --first-sample 6 --methods longheads --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 32k --samples 7 --first-sample 13 --methods longheads --output results/eval
+# and, at a low priority (nice 19) beside those two, the first 128k sample:
+$python -m mlx_longheads.eval passkey --lengths 128k --samples 1 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
