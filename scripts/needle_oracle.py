@@ -64,14 +64,12 @@ def write_report(rows: List[str], output: Optional[str]) -> None:
 def answer(model, tokenizer, prompt, tail: int, max_tokens: int, chunk: Optional[int]) -> str:
     """Greedy answer; `chunk` forced for the last `tail` prompt tokens and the answer, or
     (chunk None) those tokens fed one at a time with the library's own selection."""
-    cache = prefilled(model, prompt[:-tail])
-    with select_chunks_replaced(forcing(chunk)) if chunk is not None else nullcontext():
-        if chunk is None:
-            for token in prompt[-tail:]:
-                logits = model(mx.array([[token]]), cache=cache)
-                mx.eval(logits)
-        else:
-            logits = model(mx.array([prompt[-tail:]]), cache=cache)
+    cache, rest = prefilled(model, prompt[:-tail]), prompt[-tail:]
+    forced = chunk is not None
+    with select_chunks_replaced(forcing(chunk)) if forced else nullcontext():
+        for step in [rest] if forced else [[token] for token in rest]:
+            logits = model(mx.array([step]), cache=cache)
+            mx.eval(logits)
         tokens = []
         for _ in range(max_tokens):
             tokens.append(logits[0, -1].argmax().item())
