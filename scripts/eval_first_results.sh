@@ -60,3 +60,11 @@ $python -m mlx_longheads.eval passkey --lengths 32k --samples 7 --first-sample 1
 # and, at a low priority (nice 19) beside those two, the first 128k sample:
 $python -m mlx_longheads.eval passkey --lengths 128k --samples 1 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# 2026-11-26, sixth session: the default's other four 128k samples (1-4), as two processes
+# side by side into /tmp folders (about 35 tokens/s each, 62 min a sample), then merged:
+#   $python -m mlx_longheads.eval passkey --lengths 128k --samples 2 --first-sample 1 --methods longheads --output /tmp/ev/A
+#   $python -m mlx_longheads.eval passkey --lengths 128k --samples 2 --first-sample 3 --methods longheads --output /tmp/ev/B
+#   $python scripts/merge_eval_results.py /tmp/ev/A /tmp/ev/B results/eval
+# Run in place, the same samples are:
+$python -m mlx_longheads.eval passkey --lengths 128k --samples 4 --first-sample 1 --methods longheads --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
