@@ -68,3 +68,6 @@ $python -m mlx_longheads.eval report --output results/eval
 # Run in place, the same samples are:
 $python -m mlx_longheads.eval passkey --lengths 128k --samples 4 --first-sample 1 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# and then multikey at 8k, samples 0-5, again as two processes (into /tmp/ev/C and /tmp/ev/D, merged):
+$python -m mlx_longheads.eval multikey --lengths 8k --samples 6 --methods longheads --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
