@@ -51,6 +51,7 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
+    "longheads-pooled": LongHeadsConfig(selection="pooled"),  # half the slots by the layer
 }
 DEFAULT_METHODS = "longheads,longheads-kv,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats

@@ -3,7 +3,8 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["query_head", "kv_head"]
+Selection = Literal["query_head", "kv_head", "pooled"]
+SELECTIONS = ("query_head", "kv_head", "pooled")
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
@@ -24,8 +25,14 @@ class LongHeadsConfig:
     attention_length: keys one head may see (L = k * w); at most the trained length.
       None: a quarter of the model's trained length, the best of a quarter, half and
       three quarters on SmolLM2's passkey at 16k (README, "Evaluation").
+    full_attention_length: a query with at most this many tokens up to and including it
+      attends to all of them (stock attention); past it, each head selects. At least
+      attention_length (which is the paper's threshold), at most the trained length.
+      None: the trained length, so inside it LongHeads answers what the model does.
     selection: "query_head" picks chunks per query head (the paper's rule);
-      "kv_head" sums the scores of a GQA group and picks once per KV head.
+      "kv_head" sums the scores of a GQA group and picks once per KV head;
+      "pooled" fills half the retrieved slots (rounded up) with chunks the whole
+      layer picks by its heads' pooled attention estimate, the rest per query head.
     prefill: "grouped" lets the queries of one chunk within one forward call share a
       selection (one attention call per chunk); "exact" selects per token.
     kv_bits: store keys and values quantized to 4 or 8 bits (None: the model's float
@@ -40,11 +47,17 @@ class LongHeadsConfig:
     prefill: Prefill = "grouped"
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None
+    full_attention_length: Optional[int] = None
 
     @property
     def num_chunks(self) -> int:
         """k: chunks one head attends to (first + k-3 retrieved + previous + own)."""
         return self.attention_length // self.chunk_size
+
+    @property
+    def full_chunks(self) -> int:
+        """Own chunks below this get ordinary causal attention (unresolved: the paper's k)."""
+        return (self.full_attention_length or self.attention_length) // self.chunk_size
 
     def resolve(
         self, trained_length: Optional[int], head_dim: Optional[int] = None
@@ -65,11 +78,15 @@ class LongHeadsConfig:
         kv_group_size = self.kv_group_size
         if kv_group_size is None and self.kv_bits is not None:
             kv_group_size = min(DEFAULT_KV_GROUP_SIZE, head_dim or DEFAULT_KV_GROUP_SIZE)
+        full_attention_length = self.full_attention_length
+        if full_attention_length is None:
+            full_attention_length = trained_length or attention_length
         config = replace(
             self,
             chunk_size=chunk_size,
             attention_length=attention_length,
             kv_group_size=kv_group_size,
+            full_attention_length=full_attention_length,
         )
         config.check(trained_length, head_dim)
         return config
@@ -95,9 +112,22 @@ class LongHeadsConfig:
                 f"attention_length {L} exceeds the model's trained length {trained_length}: "
                 f"positions past it are what LongHeads avoids; use at most {trained_length}"
             )
-        if self.selection not in ("query_head", "kv_head"):
+        F = self.full_attention_length
+        if F is None:
+            raise ConfigError("full_attention_length must be set (call resolve)")
+        if F < L or F % w:
             raise ConfigError(
-                f"selection must be 'query_head' or 'kv_head', got {self.selection!r}"
+                f"full_attention_length {F} must be a multiple of chunk_size {w} and at least "
+                f"attention_length {L}: use {L} for the paper's rule, or the trained length"
+            )
+        if trained_length is not None and F > trained_length:
+            raise ConfigError(
+                f"full_attention_length {F} exceeds the model's trained length {trained_length}: "
+                f"use at most {trained_length}"
+            )
+        if self.selection not in SELECTIONS:
+            raise ConfigError(
+                f"selection must be one of {', '.join(map(repr, SELECTIONS))}, got {self.selection!r}"
             )
         if self.prefill not in ("grouped", "exact"):
             raise ConfigError(f"prefill must be 'grouped' or 'exact', got {self.prefill!r}")

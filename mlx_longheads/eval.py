@@ -16,18 +16,19 @@ import argparse
 import json
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_map
 from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from . import longheads
 from .cli import exit_on_bad_input
-from .config import LongHeadsConfig
+from .config import SELECTIONS, LongHeadsConfig
 from .eval_report import TASK_ORDER, results_path, write_report
 from .generation import format_context_length, parse_context_length, prefill_status, stream_generate
 from .load import load
@@ -39,9 +40,9 @@ DEFAULT_FORCED = "first+prev"
 SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
-    "longheads[:L=..,w=..,sel=query_head|kv_head,prefill=grouped|exact,"
+    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled,prefill=grouped|exact,F=..,"
     "score=raw|rotated,forced=first+prev|first|prev], full, window[:L=..], "
-    "or the presets baselines and ablation"
+    "or the presets baselines, ablation and designs"
 )
 
 
@@ -65,6 +66,8 @@ class Method:
             return f"window:L={self.window}"
         c = self.config
         name = f"longheads:L={c.attention_length},w={c.chunk_size},sel={c.selection},prefill={c.prefill}"
+        if c.full_attention_length != c.attention_length:  # F = L, the paper's, is unnamed
+            name += f",F={c.full_attention_length}"
         if self.score != "raw":
             name += f",score={self.score}"
         if self.forced != DEFAULT_FORCED:
@@ -81,7 +84,7 @@ def whole_number(method: str, key: str, value: str) -> int:
 def parse_method(text: str, flags: LongHeadsConfig, trained_length: int) -> Method:
     """'longheads:L=2048,w=128' etc.; what a name leaves out comes from the flags."""
     kind, _, rest = text.strip().partition(":")
-    allowed = {"full": (), "window": ("L",), "longheads": ("L", "w", "sel", "prefill", "score", "forced")}
+    allowed = {"full": (), "window": ("L",), "longheads": ("L", "w", "sel", "prefill", "F", "score", "forced")}
     if kind not in allowed:
         raise ValueError(f"unknown method {text!r}: use {METHOD_HELP}")
     options = {}
@@ -102,18 +105,24 @@ def parse_method(text: str, flags: LongHeadsConfig, trained_length: int) -> Meth
         config = replace(config, attention_length=whole_number(text, "L", options["L"]))
     if "w" in options:
         config = replace(config, chunk_size=whole_number(text, "w", options["w"]))
+    if "F" in options:
+        config = replace(config, full_attention_length=whole_number(text, "F", options["F"]))
     config = replace(
         config, selection=options.get("sel", config.selection), prefill=options.get("prefill", config.prefill)
     ).resolve(trained_length)
     score, forced = options.get("score", "raw"), options.get("forced", DEFAULT_FORCED)
     if score not in SCORES or forced not in FORCED:
         raise ValueError(f"method {text!r}: score is one of {SCORES}, forced one of {FORCED}")
+    if config.selection == "pooled" and (score, forced) != ("raw", DEFAULT_FORCED):
+        raise ValueError(f"method {text!r}: the score and forced ablations apply to sel=query_head or kv_head only")
     return Method("longheads", config, score=score, forced=forced)
 
 
 def presets(trained_length: int) -> Dict[str, List[str]]:
-    """baselines: issue #5 part 3; ablation: part 4. Lengths are fractions of the
-    trained length, rounded to a multiple of every chunk size used."""
+    """baselines: issue #5 part 3; ablation: part 4; designs: the selections of issue
+    #17 (the paper's threshold F = L and F = the trained length, each with the paper's
+    per-head selection and the pooled one). Lengths are fractions of the trained
+    length, rounded to a multiple of every chunk size used."""
     fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
     quarter, half, three_quarters = fraction(0.25), fraction(0.5), fraction(0.75)
     return {
@@ -127,6 +136,10 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
             "longheads:w=64", "longheads:w=128", "longheads:w=256",
             "longheads:prefill=exact", "longheads:sel=kv_head", "longheads:score=rotated",
             "longheads:forced=first", "longheads:forced=prev",
+        ],
+        "designs": [
+            "full", f"longheads:F={quarter}", "longheads",
+            f"longheads:sel=pooled,F={quarter}", "longheads:sel=pooled",
         ],
     }
 
@@ -201,36 +214,47 @@ def selection_variant(method: Method, model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
-def select_chunks_replaced(select: Callable[..., mx.array]) -> Iterator[None]:
-    """`longheads.select_chunks` is `select` while the block runs (the hook of the
-    ablations and of SelectionLog), the previous one after."""
-    previous = longheads.select_chunks
-    longheads.select_chunks = select
+def selection_replaced(select: Callable[..., mx.array], name: str = "select_chunks") -> Iterator[None]:
+    """`longheads.<name>` (a selection rule) is `select` while the block runs, the
+    previous one after."""
+    previous = getattr(longheads, name)
+    setattr(longheads, name, select)
     try:
         yield
     finally:
-        longheads.select_chunks = previous
+        setattr(longheads, name, previous)
+
+
+def select_chunks_replaced(select: Callable[..., mx.array]) -> Iterator[None]:
+    """`longheads.select_chunks` is `select` while the block runs (the hook of the
+    ablations and of the studies in scripts/)."""
+    return selection_replaced(select)
 
 
 class SelectionLog:
     """The chunks the heads select for the prompt's last token, one array per layer: is
-    the planted sentence's chunk among them? Wraps `longheads.select_chunks` (inside the
+    the planted sentence's chunk among them? Wraps the selection rules (inside the
     ablations' wrapper) while a sample runs; records while `active`."""
+
+    RULES = ("select_chunks", "select_chunks_pooled")
 
     def __init__(self):
         self.active, self.selected = False, []
 
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        inner = longheads.select_chunks
-
+    def recording(self, inner: Callable[..., mx.array]) -> Callable[..., mx.array]:
         def select(*args, **kwargs):
             slots = inner(*args, **kwargs)
             if self.active:
                 self.selected.append(slots)
             return slots
 
-        with select_chunks_replaced(select):
+        return select
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for name in self.RULES:
+                stack.enter_context(selection_replaced(self.recording(getattr(longheads, name)), name))
             yield
 
     def watch(self, progress: Callable[[int, int], None]) -> Callable[[int, int], None]:
@@ -338,22 +362,79 @@ def perplexity_record(model, tokenizer, cache, n: int, index: int, seed: int, pr
     )
 
 
+def prefilled(
+    model: nn.Module, tokens: List[int], progress: Callable[[int, int], None] = lambda done, total: None
+) -> list:
+    """A fresh cache holding `tokens`, fed in mlx-lm's prefill steps."""
+    cache = make_prompt_cache(model)
+    for start in range(0, len(tokens), PREFILL_STEP):
+        model(mx.array([tokens[start : start + PREFILL_STEP]]), cache=cache)
+        mx.eval([c.state for c in cache])
+        progress(min(start + PREFILL_STEP, len(tokens)), len(tokens))
+    return cache
+
+
+class PrefixStore:
+    """The caches of prompts' first tokens, shared by the LongHeads methods that
+    compute them alike: below the full attention length F every query attends to all
+    tokens before it, whatever L or the selection, so methods with the same F, chunk
+    size, prefill and K/V storage hold the same cache there (mlx-lm prefills in
+    PREFILL_STEP blocks; the shared part is whole blocks). Several designs are then
+    evaluated with that part prefilled once per sample. Held in memory for the run."""
+
+    def __init__(self):
+        self.caches: Dict[tuple, list] = {}
+
+    @staticmethod
+    def key(method: Method, prompt: List[int]) -> Optional[tuple]:
+        if method.kind != "longheads":
+            return None
+        c = method.config
+        shared = c.full_attention_length // PREFILL_STEP * PREFILL_STEP
+        if shared < PREFILL_STEP or len(prompt) <= shared:
+            return None
+        return (tuple(prompt[:shared]), c.chunk_size, c.full_attention_length, c.prefill, c.kv_bits, c.kv_group_size)
+
+    def restore(
+        self, model: nn.Module, method: Method, prompt: List[int], cache: list,
+        progress: Callable[[int, int], None] = lambda done, total: None,
+    ) -> int:
+        """Fill `cache` (fresh) with the prompt's shared part; return its length (0: none)."""
+        key = self.key(method, prompt)
+        if key is None:
+            return 0
+        if key not in self.caches:
+            self.caches[key] = prefilled(model, list(key[0]), lambda done, _: progress(done, len(prompt)))
+        for layer, kept in zip(cache, self.caches[key]):
+            layer.state = tree_map(lambda a: mx.array(a) if isinstance(a, mx.array) else a, kept.state)
+        return len(key[0])
+
+
 def question_record(
-    task: str, model, tokenizer, cache, n: int, index: int, seed: int, progress, chunk_size: Optional[int] = None
+    task: str, model, tokenizer, cache, n: int, index: int, seed: int, progress,
+    chunk_size: Optional[int] = None, reuse: Callable[..., int] = lambda prompt, progress: 0,
 ) -> dict:
     """chunk_size (LongHeads): also record which layers' heads select the chunk of the
-    first expected answer's first occurrence in the prompt."""
+    first expected answer's first occurrence in the prompt. reuse(prompt, progress):
+    fills the cache with the prompt's first tokens and says how many (a PrefixStore's;
+    then prefill_s is the rest's)."""
     tic = time.perf_counter()
     sample = make_sample(task, tokenizer, n, index, seed)
     prompt = tokenizer.encode(sample.prompt)
+    reused = reuse(prompt, progress)
     log = SelectionLog()
     with log.installed():
-        answer, prefill_s = answer_question(model, tokenizer, prompt, sample.max_tokens, cache, log.watch(progress))
+        answer, prefill_s = answer_question(
+            model, tokenizer, prompt[reused:], sample.max_tokens, cache,
+            log.watch(lambda done, total: progress(done + reused, total + reused)),
+        )
     record = dict(
         tokens=len(prompt), expected=list(sample.expected), depths=[round(d, 4) for d in sample.depths],
         params=sample.params, answer=answer, score=sample.score(answer),
         prefill_s=round(prefill_s, 2), total_s=round(time.perf_counter() - tic, 2),
     )
+    if reused:
+        record["prefix_reused"] = reused
     if chunk_size is not None:
         key_chunk = sample.answer_chunk(tokenizer, chunk_size)
         by_layer = log.share_selecting(key_chunk, len(model.layers))
@@ -363,13 +444,19 @@ def question_record(
     return record
 
 
-def run_sample(task: str, model, tokenizer, method: Method, n: int, index: int, seed: int, progress) -> dict:
+def run_sample(
+    task: str, model, tokenizer, method: Method, n: int, index: int, seed: int, progress,
+    prefixes: Optional[PrefixStore] = None,
+) -> dict:
     """Run one sample; the fields of its results line that depend on the method."""
     cache = make_cache(model, method)
     if task == "perplexity":
         return perplexity_record(model, tokenizer, cache, n, index, seed, progress)
     chunk_size = method.config.chunk_size if method.kind == "longheads" else None
-    return question_record(task, model, tokenizer, cache, n, index, seed, progress, chunk_size)
+    def reuse(prompt: List[int], progress: Callable[[int, int], None]) -> int:
+        return prefixes.restore(model, method, prompt, cache, progress) if prefixes else 0
+
+    return question_record(task, model, tokenizer, cache, n, index, seed, progress, chunk_size, reuse)
 
 
 def read_done(path: Path, identity: dict) -> Tuple[Set[Tuple[int, int]], Set[Tuple[int, int]]]:
@@ -420,7 +507,10 @@ def evaluate(args) -> None:
         raise ValueError(f"--samples must be at least 1 and --first-sample at least 0, got {args.samples}, {args.first_sample}")
     stock, tokenizer = load(args.model, longheads=None)
     trained = stock.args.max_position_embeddings
-    flags = LongHeadsConfig(args.chunk_size, args.attention_length, args.selection, args.prefill)
+    flags = LongHeadsConfig(
+        args.chunk_size, args.attention_length, args.selection, args.prefill,
+        full_attention_length=args.full_attention_length,
+    )
     methods = parse_methods(args.methods, flags, trained)
     # Recorded, not part of a result's identity, so CPU (float32) and GPU (the model's
     # dtype) runs can be told apart.
@@ -440,6 +530,7 @@ def evaluate(args) -> None:
             ]
             jobs.append((task, method, identity, path, todo))
     progress = Progress(sum(len(todo) for *_, todo in jobs))
+    prefixes = PrefixStore()
     for task, method, identity, path, todo in jobs:
         if not todo:
             continue
@@ -453,7 +544,7 @@ def evaluate(args) -> None:
                     progress.finished(label, "skipped")
                 else:
                     record.update(run_sample(
-                        task, model, tokenizer, method, n, index, args.seed, progress.prefill(label)
+                        task, model, tokenizer, method, n, index, args.seed, progress.prefill(label), prefixes
                     ))
                     summary = f"nll {record['nll']:.3f}" if task == "perplexity" else (
                         f"score {record['score']:.2f}, answer {record['answer']!r}"
@@ -480,8 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length-full", default="32k", help="longest prompt run with full attention; longer ones are recorded as skipped")
     parser.add_argument("--chunk-size", type=int, default=None, help="LongHeads default for methods that do not set w=")
     parser.add_argument("--attention-length", type=int, default=None, help="LongHeads default for L= (and the window's length)")
-    parser.add_argument("--selection", choices=["query_head", "kv_head"], default="query_head")
+    parser.add_argument("--selection", choices=list(SELECTIONS), default="query_head")
     parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
+    parser.add_argument("--full-attention-length", type=int, default=None, help="LongHeads default for F= (default: the trained length)")
     return parser
 
 

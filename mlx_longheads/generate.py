@@ -15,7 +15,7 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from .cli import exit_on_bad_input, read_text
-from .config import DEFAULT_KV_GROUP_SIZE, LongHeadsConfig
+from .config import DEFAULT_KV_GROUP_SIZE, SELECTIONS, LongHeadsConfig
 from .generation import (
     DEFAULT_MAX_CONTEXT,
     LimitError,
@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", choices=["longheads", "full"], default="longheads", help="'full' runs mlx-lm's stock attention for comparison")
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--attention-length", type=int, default=None)
-    parser.add_argument("--selection", choices=["query_head", "kv_head"], default="query_head")
+    parser.add_argument("--selection", choices=list(SELECTIONS), default="query_head")
     parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
+    parser.add_argument("--full-attention-length", type=int, default=None, help="prompts up to this many tokens get stock attention (default: the trained length; the paper's rule: --attention-length)")
     return parser
 
 
@@ -88,7 +89,7 @@ def run(args) -> None:
     if args.attention == "longheads":
         config = LongHeadsConfig(
             args.chunk_size, args.attention_length, args.selection, args.prefill,
-            args.kv_bits, args.kv_group_size,
+            args.kv_bits, args.kv_group_size, args.full_attention_length,
         )
     text = read_prompt(args)
     model, tokenizer = load(args.model, longheads=None)

@@ -1,17 +1,19 @@
 """The LongHeads attention rule (arXiv 2402.10685), read top to bottom.
 
-For a query at absolute position t, own = t // w, o = t % w, k = L / w:
-  - own < k: ordinary causal attention over tokens 0..t (it fits in L keys);
+For a query at absolute position t, own = t // w, o = t % w, k = L / w, and
+f = F / w (F the full attention length, at least L and at most the trained length):
+  - own < f: ordinary causal attention over tokens 0..t (it fits in F keys); the
+    paper's rule is F = L, the default F the trained length (stock attention inside it);
   - otherwise the head picks chunks S = [0] + sorted(top_(k-3) of chunks 1..own-2 by
     q_t . rep_c) + [own - 1], attends to their w * (k - 1) keys followed by its own
     chunk's tokens up to t, and all of them get contiguous positions 0 .. (k-1)*w + o.
-No head ever sees more than L keys or a distance of L or more. The score uses the query
+No head ever sees more than F keys or a distance of F or more. The score uses the query
 after projection (and q_norm) but before RoPE.
 
-Both cases are one computation: a head's window is k chunk slots, the chunk in slot r
+Both cases are one computation: a head's window is chunk slots, the chunk in slot r
 sits at window positions r*w .. r*w + w-1, and the query at window position P sees the
-keys at positions <= P. Below L the slots are chunks 0..k-1 and the query's slot is its
-own chunk, so it sees exactly tokens 0..t at their true positions.
+keys at positions <= P. Below F the slots are chunks 0..own and the query's slot is its
+own chunk, so it sees exactly tokens 0..t at their true positions; past it, k slots.
 
 Positions without re-rotating keys: RoPE is relative, R(q, P) . R(k, r*w + j) =
 R(q, P - r*w) . R(k, j). The cache stores every key rotated by its offset j inside its
@@ -120,6 +122,69 @@ def select_chunks(
     return mx.concatenate([first, top, ends.astype(mx.uint32)], axis=-1)
 
 
+def pooled_attention(
+    queries: mx.array, cache: LongHeadsCache, own: mx.array, rope: RoPE, scale: float
+) -> mx.array:
+    """How much attention each candidate chunk gets from the whole layer, [B, G, C].
+
+    queries [B, H, G, D]: one raw query per group (its newest). Each head's query,
+    placed one chunk after the key's chunk (R(q, w) . k~, the positions it would see
+    the chunk at), attends over all keys of the candidates 1..own-2; the mass each
+    chunk gets is summed over the layer's query heads. A product with every key: the
+    cost of stock attention's scores for one query per group.
+    """
+    B, H, G, D = queries.shape
+    w, C, Hk = cache.chunk_size, cache.complete_chunks, cache.kv_heads
+    rotated = rope(mx.contiguous(queries.reshape(-1, 1, D)), offset=w)
+    rotated = rotated.reshape(B, Hk, (H // Hk) * G, D).astype(cache.dtype)
+    keys = tree_map(lambda a: a[:, :, : C * w], cache.keys)
+    if cache.bits is None:
+        scores = rotated @ keys.swapaxes(-1, -2)
+    else:
+        scores = mx.quantized_matmul(
+            rotated, *keys, transpose=True, group_size=cache.group_size, bits=cache.bits
+        )
+    scores = scores.astype(mx.float32).reshape(B, H, G, C * w) * scale
+    chunk = mx.arange(C * w) // w
+    allowed = (chunk >= 1) & (chunk[None] <= own[:, None] - 2)  # [G, C*w]
+    mass = mx.softmax(mx.where(allowed, scores, -mx.inf), axis=-1)
+    return mass.reshape(B, H, G, C, w).sum(axis=(1, 4))
+
+
+def select_chunks_pooled(
+    query_sums: mx.array, representations: mx.array, pooled: mx.array, own: mx.array, k: int
+) -> mx.array:
+    """The pooled selection: chunks the whole layer agrees on, then each head's own.
+
+    One head's score of one chunk rarely ranks a sentence planted in natural text (a
+    needle) first, while the attention the layer's heads give it together does
+    (scripts/pooled_score_study.py). So the first ceil((k-3)/2) retrieved slots of
+    every head hold the chunks with the most `pooled_attention` [B, G, C], and the rest
+    each head's top by q . rep among the others, as in `select_chunks`.
+
+    query_sums [B, H, G, D] and representations [B, H, C, D] as in `select_chunks`.
+    Returns uint32 [B, H, G, k], the layout of `select_chunks`.
+    """
+    B, H, G, _ = query_sums.shape
+    retrieved = k - 3
+    shared = -(-retrieved // 2)
+    candidates = mx.arange(pooled.shape[-1])
+    allowed = (candidates >= 1) & (candidates[None] <= own[:, None] - 2)  # [G, C]
+    pooled = mx.where(allowed, pooled, -mx.inf)
+    layer_top = mx.argpartition(-pooled, kth=shared - 1, axis=-1)[..., :shared]  # [B, G, s]
+    chosen = (layer_top[..., None] == candidates).any(axis=-2)  # [B, G, C]
+    top = mx.broadcast_to(layer_top[:, None], (B, H, G, shared))
+    if retrieved > shared:
+        scores = query_sums @ representations.astype(query_sums.dtype).swapaxes(-1, -2)
+        scores = mx.where(allowed & ~chosen[:, None], scores, -mx.inf)
+        own_top = mx.argpartition(-scores, kth=retrieved - shared - 1, axis=-1)
+        top = mx.concatenate([top, own_top[..., : retrieved - shared]], axis=-1)
+    top = mx.sort(top, axis=-1).astype(mx.uint32)
+    ends = mx.broadcast_to(own[:, None] + mx.array([-1, 0]), (B, H, G, 2))
+    first = mx.zeros((B, H, G, 1), mx.uint32)
+    return mx.concatenate([first, top, ends.astype(mx.uint32)], axis=-1)
+
+
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
     """Row of each slot's chunk in a cache buffer viewed as [B * Hk * n_chunks, w, D].
 
@@ -163,45 +228,51 @@ def chunk_product(
 def window_slots(
     queries: mx.array,
     own: List[int],
+    newest: List[int],
     cache: LongHeadsCache,
     config: LongHeadsConfig,
+    rope: RoPE,
+    scale: float,
 ) -> mx.array:
     """The chunk in each window slot, [B, Hs, G, n]; the last slot is the group's own chunk.
 
-    Past the threshold (own >= k) a window is the selection [0, top, own-1, own]. Before
-    it, a window is chunks 0..own at their true positions, so n = max(own) + 1 slots hold
-    chunks 0..n-2 and the own chunk (slots a group may not see are masked by
-    attend_groups): short contexts cost what ordinary attention costs.
+    The groups are all below the threshold (own < f) or all past it. Past it a window
+    is the selection [0, top, own-1, own]. Below it, a window is chunks 0..own at their
+    true positions, so n = max(own) + 1 slots hold chunks 0..n-2 and the own chunk
+    (slots a group may not see are masked by attend_groups): short contexts cost what
+    ordinary attention costs. newest: where each group's newest query sits in it.
     """
     B, H, G = queries.shape[:3]
-    k = config.num_chunks
     n_kv_heads = cache.kv_heads
-    n_selecting = H if config.selection == "query_head" else n_kv_heads
-    n = min(k, max(own) + 1)
-    own_chunk = mx.array(own, dtype=mx.uint32)[:, None]
-    earlier = mx.broadcast_to(mx.arange(n - 1, dtype=mx.uint32), (G, n - 1))
-    first_chunks = mx.concatenate([earlier, own_chunk], axis=1)
-    first_chunks = mx.broadcast_to(first_chunks, (B, n_selecting, G, n))
-    if max(own) < k:
-        return first_chunks
+    n_selecting = n_kv_heads if config.selection == "kv_head" else H
+    if max(own) < config.full_chunks:
+        n = max(own) + 1
+        own_chunk = mx.array(own, dtype=mx.uint32)[:, None]
+        earlier = mx.broadcast_to(mx.arange(n - 1, dtype=mx.uint32), (G, n - 1))
+        first_chunks = mx.concatenate([earlier, own_chunk], axis=1)
+        return mx.broadcast_to(first_chunks, (B, n_selecting, G, n))
     query_sums = queries.astype(mx.float32).sum(axis=3)
-    representations = cache.representations[:, :, : cache.complete_chunks]
-    selected = select_chunks(
+    C = cache.complete_chunks
+    representations = cache.representations[:, :, :C]
+    if config.selection == "pooled":
+        index = mx.array(newest)[None, None, :, None, None]
+        newest_queries = mx.take_along_axis(queries, index, axis=3)[:, :, :, 0]
+        pooled = pooled_attention(newest_queries, cache, mx.array(own), rope, scale)
+        return select_chunks_pooled(query_sums, representations, pooled, mx.array(own), config.num_chunks)
+    return select_chunks(
         query_sums,
         representations,
-        mx.array([max(c, k) for c in own]),
-        k,
+        mx.array(own),
+        config.num_chunks,
         n_kv_heads if config.selection == "kv_head" else None,
     )
-    if min(own) >= k:
-        return selected
-    return mx.where((mx.array(own) >= k)[:, None], selected, first_chunks)
 
 
 def attend_groups(
     queries: mx.array,
     own: List[int],
     first_offset: List[int],
+    newest: List[int],
     cache: LongHeadsCache,
     rope: RoPE,
     scale: float,
@@ -210,7 +281,8 @@ def attend_groups(
     """Attention for G groups of g consecutive queries, each group sharing its window.
 
     queries [B, H, G, g, D] before RoPE; group i's queries sit at in-chunk offsets
-    first_offset[i] + 0..g-1 of chunk own[i]. Returns [B, H, G, g, Dv].
+    first_offset[i] + 0..g-1 of chunk own[i], the newest at newest[i] (those after it
+    are zero padding). Returns [B, H, G, g, Dv].
 
     Each slot is one matrix product of the slot's rotated queries with the chunk's rows
     of the cache (`chunk_product`: the window is never copied out). The softmax runs over
@@ -220,16 +292,17 @@ def attend_groups(
     needs a causal mask, so the other slots are never masked past the threshold.
     """
     B, H, G, g, D = queries.shape
-    w, k = config.chunk_size, config.num_chunks
-    slots = window_slots(queries, own, cache, config).transpose(0, 2, 3, 1)  # [B, G, n, Hs]
+    w = config.chunk_size
+    slots = window_slots(queries, own, newest, cache, config, rope, scale)
+    slots = slots.transpose(0, 2, 3, 1)  # [B, G, n, Hs]
     n, Hs = slots.shape[2], slots.shape[3]
     R = H // Hs  # query heads sharing one window
     rows = chunk_rows(slots, cache.kv_heads, cache.capacity // w)
 
     # The query of slot r is rotated by P - r*w (P its window position); the own
-    # chunk's slot, at r*w = own*w or (k-1)*w, by its in-chunk offset.
+    # chunk's slot, at r*w = own*w (below the threshold) or (n-1)*w, by its in-chunk offset.
     own_offset = mx.array(first_offset)
-    position = mx.array([min(c, k - 1) * w for c in own]) + own_offset  # [G]
+    position = mx.array([min(c, n - 1) * w for c in own]) + own_offset  # [G]
     earlier = mx.maximum(position[:, None] - mx.arange(n - 1) * w, 0)
     offsets = mx.concatenate([earlier, own_offset[:, None]], axis=1)  # [G, n]
     q = (queries * (scale * LOG2_E)).transpose(0, 2, 1, 3, 4)[:, :, None]
@@ -296,10 +369,11 @@ def longheads_attention(
         groups = queries[:, :, :, None]
         own = [t // w for t in range(start, start + T)]
         first_offset = [t % w for t in range(start, start + T)]
+        newest = [0] * T
     elif skip + T <= w:
         # All queries in one chunk (decode, or a short call): one group of T.
         groups = queries[:, :, None]
-        own, first_offset = [start // w], [skip]
+        own, first_offset, newest = [start // w], [skip], [T - 1]
     else:
         # One group per chunk touched, padded to whole chunks with zero queries (which
         # add nothing to a group's score); their outputs are dropped below.
@@ -308,25 +382,34 @@ def longheads_attention(
         groups = padded.reshape(B, H, G, w, D)
         own = list(range(start // w, start // w + G))
         first_offset = [0] * G
+        newest = [min((c + 1) * w, start + T) - 1 - c * w for c in own]
     G, g = groups.shape[2], groups.shape[3]
 
-    # Working arrays per group: rotated queries, scores and exponentials (float32),
-    # per-slot outputs, and the chunks' keys and values where they are taken out.
-    k = config.num_chunks
+    # Blocks of groups never mix the two sides of the threshold. Working arrays per
+    # group: rotated queries, scores and exponentials (float32), per-slot outputs, and
+    # the chunks' keys and values where they are taken out.
+    f, k = config.full_chunks, config.num_chunks
+    below = sum(c < f for c in own)
     taken = 0 if products_in_place() else 2 * w * D
-    per_group = H * k * (g * (2 * D + 3 * w) + taken) * 4
-    block = max(1, BLOCK_BUDGET // per_group)
-    outputs = [
-        attend_groups(
-            groups[:, :, i : i + block],
-            own[i : i + block],
-            first_offset[i : i + block],
-            cache,
-            rope,
-            scale,
-            config,
-        )
-        for i in range(0, G, block)
-    ]
+    outputs = []
+    for first, last in ((0, below), (below, G)):
+        if first == last:
+            continue
+        slots = min(max(own[first:last]) + 1, f) if first == 0 else k
+        per_group = H * slots * (g * (2 * D + 3 * w) + taken) * 4
+        block = max(1, BLOCK_BUDGET // per_group)
+        outputs += [
+            attend_groups(
+                groups[:, :, i : min(i + block, last)],
+                own[i : min(i + block, last)],
+                first_offset[i : min(i + block, last)],
+                newest[i : min(i + block, last)],
+                cache,
+                rope,
+                scale,
+                config,
+            )
+            for i in range(first, last, block)
+        ]
     out = mx.concatenate(outputs, axis=2).reshape(B, H, G * g, -1)
     return out if G * g == T else out[:, :, skip : skip + T]

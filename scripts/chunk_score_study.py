@@ -24,10 +24,9 @@ import mlx_longheads  # noqa: F401  (loads OpenBLAS before MLX on Linux)
 import mlx.core as mx
 
 import mlx_longheads.longheads as longheads
-from mlx_longheads import LongHeadsConfig, load
-from mlx_longheads.eval import select_chunks_replaced
+from mlx_longheads.eval import prefilled, select_chunks_replaced
 from mlx_longheads.tasks import make_sample
-from needle_oracle import prefilled, write_report  # scripts/ is on the path when run
+from needle_oracle import paper_threshold_model, write_report  # scripts/ is on the path when run
 
 RULES = ["paper", "rotated", "mean key", "bound", "max key", "mass"]
 
@@ -81,7 +80,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    model, tokenizer = load(longheads=LongHeadsConfig())
+    model, tokenizer = paper_threshold_model()
     attention = model.layers[0].self_attn
     config = attention.config
     w, k = config.chunk_size, config.num_chunks

@@ -3,6 +3,9 @@
 # for the first block, about 2 hours for the runs at 16k and 32k).
 # Each run resumes: finished samples are kept, so raising --samples or adding lengths and
 # methods only runs what is missing.
+# Runs before 2026-11-30 used the paper's threshold (full attention length F = L; their
+# method names have no F=) and the default L of their day (their files name L): to rerun
+# one today, name both, e.g. longheads:L=2048,F=2048.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=.venv/bin/python

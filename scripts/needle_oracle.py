@@ -24,7 +24,8 @@ import mlx.core as mx
 
 import mlx_longheads.longheads as longheads
 from mlx_longheads import LongHeadsConfig, load
-from mlx_longheads.eval import PREFILL_STEP, select_chunks_replaced
+from mlx_longheads.eval import prefilled, select_chunks_replaced
+from mlx_longheads.models import apply_longheads
 from mlx_longheads.tasks import make_sample
 
 
@@ -44,13 +45,15 @@ def forcing(chunk: int):
     return select
 
 
-def prefilled(model, tokens: List[int]) -> list:
-    """A fresh cache holding `tokens`, fed in mlx-lm's prefill steps."""
-    cache = model.make_cache()
-    for start in range(0, len(tokens), PREFILL_STEP):
-        model(mx.array([tokens[start : start + PREFILL_STEP]]), cache=cache)
-        mx.eval([c.state for c in cache])
-    return cache
+def paper_threshold_model(attention_length: Optional[int] = None):
+    """The embedded model with LongHeads switching at the paper's threshold (F = L), as
+    these studies of its per-head selection inside the trained length need."""
+    model, tokenizer = load(longheads=None)
+    if attention_length is None:
+        trained = model.args.max_position_embeddings
+        attention_length = LongHeadsConfig().resolve(trained).attention_length
+    apply_longheads(model, LongHeadsConfig(attention_length=attention_length, full_attention_length=attention_length))
+    return model, tokenizer
 
 
 def write_report(rows: List[str], output: Optional[str]) -> None:
@@ -86,7 +89,7 @@ def main() -> None:
     parser.add_argument("--tail-selection", default="forced", choices=["forced", "exact"])
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    model, tokenizer = load(longheads=LongHeadsConfig(attention_length=args.attention_length))
+    model, tokenizer = paper_threshold_model(args.attention_length)
     config = model.layers[0].self_attn.config
     forced = args.tail_selection == "forced"
     title = {

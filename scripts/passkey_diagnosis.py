@@ -61,7 +61,11 @@ def main():
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
 
-    config = LongHeadsConfig(args.chunk_size, args.attention_length, args.selection, args.prefill)
+    # The paper's threshold (F = L): the heads select from L on, inside the trained length too.
+    config = LongHeadsConfig(
+        args.chunk_size, args.attention_length, args.selection, args.prefill,
+        full_attention_length=args.attention_length,
+    )
     model, tokenizer = load(args.model, longheads=config)
     n_layers = len(model.layers)
     recorder = SelectionRecorder()

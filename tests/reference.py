@@ -27,9 +27,12 @@ def representation(q, k, v, scale, base):
     return softmax(pooled @ kt.T * scale) @ kt
 
 
-def longheads(q, k, v, w, L, scale, base, group_of=None, per_kv_head=False):
+def longheads(q, k, v, w, L, scale, base, group_of=None, per_kv_head=False, F=None, pooled=False):
     """Outputs [H, N, D] for queries q [H, N, D] and keys, values [Hk, N, D].
 
+    F: the full attention length, below which a query attends to all tokens up to it
+    (None: L, the paper's threshold). pooled: the first ceil((k-3)/2) retrieved chunks
+    of every head are the layer's (`pooled_chunks`), the rest each head's own.
     group_of[t]: queries with the same value share one selection, scored by the sum
     of their scores (None: each token selects alone). per_kv_head: the scores of the
     query heads of a KV head are summed and the KV head selects once.
@@ -38,6 +41,7 @@ def longheads(q, k, v, w, L, scale, base, group_of=None, per_kv_head=False):
     Hk = k.shape[0]
     rep_heads = H // Hk
     k_chunks = L // w
+    full_chunks = (F or L) // w
     reps = np.array(
         [
             [
@@ -54,20 +58,26 @@ def longheads(q, k, v, w, L, scale, base, group_of=None, per_kv_head=False):
         ]
     ).reshape(H, N // w, D)
     group_of = np.arange(N) if group_of is None else np.asarray(group_of)
+    retrieved = k_chunks - 3
     out = np.zeros_like(q)
     for t in range(N):
         own, o = divmod(t, w)
         members = np.flatnonzero(group_of == group_of[t])
+        shared = []
+        if pooled and own >= full_chunks:
+            newest = q[:, members.max()]
+            shared = pooled_chunks(newest, k, own, w, -(-retrieved // 2), scale, base)
         for h in range(H):
             kv = h // rep_heads
-            if own < k_chunks:
+            if own < full_chunks:
                 keys = rope(k[kv, : t + 1], np.arange(t + 1), base)
                 query = rope(q[h, t], t, base)
                 out[h, t] = softmax(query @ keys.T * scale) @ v[kv, : t + 1]
                 continue
             heads = range(kv * rep_heads, (kv + 1) * rep_heads) if per_kv_head else [h]
             scores = sum(q[g, members].sum(axis=0) @ reps[g, 1 : own - 1].T for g in heads)
-            top = 1 + np.argsort(-scores, kind="stable")[: k_chunks - 3]
+            ranked = [c for c in 1 + np.argsort(-scores, kind="stable") if c not in shared]
+            top = [*shared, *ranked[: retrieved - len(shared)]]
             chunks = [0, *sorted(top), own - 1]
             index = np.concatenate([np.arange(c * w, (c + 1) * w) for c in chunks])
             index = np.concatenate([index, np.arange(own * w, t + 1)])
@@ -83,3 +93,18 @@ def selected_chunks(q, reps, t, w, L):
     scores = q @ reps[1 : own - 1].T
     top = 1 + np.argsort(-scores, kind="stable")[: L // w - 3]
     return [0, *sorted(top), own - 1]
+
+
+def pooled_chunks(q_newest, k, own, w, count, scale, base):
+    """The `count` chunks of 1..own-2 a layer picks together: the attention mass each
+    gets from every query head's R(q, w) over all their keys (rotated in their chunk),
+    summed over the heads."""
+    H, D = q_newest.shape
+    Hk = k.shape[0]
+    index = np.arange(w, (own - 1) * w)
+    total = np.zeros(own - 2)
+    for h in range(H):
+        query = rope(q_newest[h], w, base)
+        keys = rope(k[h // (H // Hk), index], index % w, base)
+        total += softmax(keys @ query * scale).reshape(own - 2, w).sum(axis=1)
+    return [int(c) for c in 1 + np.argsort(-total, kind="stable")[:count]]

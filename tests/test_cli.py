@@ -1,11 +1,25 @@
 """The command-line tools end to end, on the embedded SmolLM2 model."""
 
+import mlx.core as mx
+import numpy as np
 import pytest
+from mlx_lm.models.cache import make_prompt_cache
 
 from conftest import assert_one_line_error, run_module as run
-from mlx_longheads.generation import LimitError, check_memory, parse_context_length, prefill_status, truncate
+from mlx_longheads import LongHeadsConfig, load
+from mlx_longheads.generation import (
+    LimitError, check_memory, parse_context_length, prefill_status, stream_generate, truncate,
+)
 
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+QUESTION = "What is the capital of France?"
+# LongHeads below its full attention length is stock attention up to rounding: logits within
+# this of stock mlx-lm's on the embedded model (test_models allows 2e-3; measured 5e-5).
+ROUNDING = 2e-3
+COMPLETION = "The capital of France is the city of"
+# 8-bit keys and values (groups of 64) move the embedded model's logits by less than this:
+# measured 0.21 at the end of COMPLETION; along QUESTION's answer 0.98, and 1.07 on an AMD EPYC.
+KV8_ERROR = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -13,6 +27,34 @@ def document(tmp_path_factory):
     path = tmp_path_factory.mktemp("docs") / "doc.txt"
     path.write_text("Alice keeps a red bicycle in the garden shed. " + FILLER * 60)
     return path
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    """The embedded model with mlx-lm's stock attention (float32 on the CPU), and its tokenizer."""
+    return load(longheads=None)
+
+
+def margins(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 logit: a perturbation smaller than half of it keeps the top-1."""
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    return top2[..., 1] - top2[..., 0]
+
+
+@pytest.fixture(scope="module")
+def answer(embedded):
+    """The embedded model's greedy answer to QUESTION (8 tokens at most) and each step's margin."""
+    model, tokenizer = embedded
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
+    steps = list(stream_generate(model, tokenizer, prompt, max_tokens=8))
+    return "".join(s.text for s in steps), margins(np.array([np.array(s.logprobs) for s in steps]))
+
+
+def next_token_logits(model, prompt) -> np.ndarray:
+    """The logits after `prompt`, fed as mlx-lm's generate_step feeds a short one."""
+    cache = make_prompt_cache(model)
+    model(mx.array(prompt[:-1])[None], cache=cache)
+    return np.array(model(mx.array(prompt[-1:])[None], cache=cache)[0, -1])
 
 
 def test_generates_from_a_prompt_file_with_stats(document):
@@ -25,22 +67,24 @@ def test_generates_from_a_prompt_file_with_stats(document):
     assert "Prompt:" in result.stderr and "Peak memory:" in result.stderr
 
 
-def test_reads_the_prompt_from_stdin():
-    result = run(
-        "mlx_longheads.generate", "--prompt", "-", "--max-tokens", "8",
-        stdin="What is the capital of France?",
-    )
+def test_reads_the_prompt_from_stdin(answer):
+    """The question read from stdin gets the model's greedy answer: LongHeads (below its
+    full attention length) gives stock attention's tokens, every step's margin being more
+    than twice the rounding between them."""
+    text, margin = answer
+    assert margin.min() > 2 * ROUNDING, margin  # 0.08 ("The" over "L") is the smallest
+    result = run("mlx_longheads.generate", "--prompt", "-", "--max-tokens", "8", stdin=QUESTION)
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+    assert result.stdout.strip() == text and "Paris" in text
 
 
-def test_full_attention_for_comparison():
-    result = run(
-        "mlx_longheads.generate", "--attention", "full", "--max-tokens", "8",
-        "--prompt", "What is the capital of France?",
-    )
+def test_full_attention_for_comparison(answer):
+    """--attention full is mlx-lm's stock attention: the same greedy answer."""
+    text, margin = answer
+    assert margin.min() > 2 * ROUNDING, margin
+    result = run("mlx_longheads.generate", "--attention", "full", "--max-tokens", "8", "--prompt", QUESTION)
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+    assert result.stdout.strip() == text and "Paris" in text
 
 
 def test_a_prompt_longer_than_max_context_is_refused_before_work(document):
@@ -59,15 +103,23 @@ def test_a_bad_max_context_string_is_refused():
     assert "invalid context length '12q'" in result.stderr
 
 
-def test_kv_bits_8_generates_with_longheads(tmp_path):
-    """Quantized from the first token, and saved so: the prompt cache holds packed K/V."""
+def test_kv_bits_8_generates_with_longheads(tmp_path, embedded):
+    """Quantized from the first token, and saved so: the prompt cache holds packed K/V.
+    8-bit K/V move the logits by less than KV8_ERROR, so the next token is float K/V's
+    where float's margin is more than twice that (at QUESTION's first token it is 0.08)."""
+    model, tokenizer = embedded
+    prompt = tokenizer.encode(COMPLETION)
+    exact = next_token_logits(model, prompt)
+    quantized = next_token_logits(load(longheads=LongHeadsConfig(kv_bits=8))[0], prompt)
+    assert np.abs(quantized - exact).max() < KV8_ERROR
+    assert margins(exact) > 2 * KV8_ERROR, margins(exact)  # 5.2 for " Paris"
     cache_file = str(tmp_path / "cache.safetensors")
     result = run(
-        "mlx_longheads.generate", "--kv-bits", "8", "--max-tokens", "8", "--prompt",
-        "What is the capital of France?", "--prompt-cache-file", cache_file,
+        "mlx_longheads.generate", "--kv-bits", "8", "--max-tokens", "1", "--ignore-chat-template",
+        "--prompt", COMPLETION, "--prompt-cache-file", cache_file,
     )
     assert result.returncode == 0, result.stderr
-    assert "Paris" in result.stdout
+    assert result.stdout.strip() == tokenizer.decode([int(exact.argmax())]).strip() == "Paris"
     from mlx_lm.models.cache import load_prompt_cache
 
     cache = load_prompt_cache(cache_file)

@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from conftest import tiny_model
+from conftest import clone, tiny_model
 from mlx_longheads import eval as evaluation
 from mlx_longheads import longheads
 from mlx_longheads.config import LongHeadsConfig
@@ -85,21 +85,34 @@ def test_samples_are_deterministic(tokenizer):
 def test_method_names_are_canonical():
     flags, trained = LongHeadsConfig(), 8192
     names = [m.name for m in evaluation.parse_methods("longheads:L=2048,w=128,full,window", flags, trained)]
-    assert names == ["longheads:L=2048,w=128,sel=query_head,prefill=grouped", "full", "window:L=2048"]
-    same = evaluation.parse_methods("longheads,longheads:L=2048,w=256", flags, trained)
+    assert names == ["longheads:L=2048,w=128,sel=query_head,prefill=grouped,F=8192", "full", "window:L=2048"]
+    same = evaluation.parse_methods("longheads,longheads:L=2048,w=256,F=8192", flags, trained)
     assert len(same) == 1
+    # F = L, the paper's threshold, keeps the name the results had before F existed.
+    paper = evaluation.parse_methods("longheads:F=2048,sel=pooled", flags, trained)
+    assert [m.name for m in paper] == ["longheads:L=2048,w=256,sel=pooled,prefill=grouped"]
     ablation = [m.name for m in evaluation.parse_methods("ablation", flags, trained)]
     for length in (2048, 4096, 6144):  # a quarter, half and three quarters of the trained length
-        assert f"longheads:L={length},w=256,sel=query_head,prefill=grouped" in ablation
-    assert "longheads:L=2048,w=256,sel=query_head,prefill=grouped,forced=prev" in ablation
-    for bad in ("sparse", "longheads:x=1", "longheads:L=big", "window:w=3", "longheads:score=odd"):
+        assert f"longheads:L={length},w=256,sel=query_head,prefill=grouped,F=8192" in ablation
+    assert "longheads:L=2048,w=256,sel=query_head,prefill=grouped,F=8192,forced=prev" in ablation
+    designs = [m.name for m in evaluation.parse_methods("designs", flags, trained)]
+    assert designs == [
+        "full",
+        "longheads:L=2048,w=256,sel=query_head,prefill=grouped",
+        "longheads:L=2048,w=256,sel=query_head,prefill=grouped,F=8192",
+        "longheads:L=2048,w=256,sel=pooled,prefill=grouped",
+        "longheads:L=2048,w=256,sel=pooled,prefill=grouped,F=8192",
+    ]
+    bad_methods = ("sparse", "longheads:x=1", "longheads:L=big", "window:w=3", "longheads:score=odd",
+                   "longheads:sel=pooled,score=rotated", "longheads:F=1024")
+    for bad in bad_methods:
         with pytest.raises(ValueError):
             evaluation.parse_methods(bad, flags, trained)
 
 
 @pytest.mark.parametrize("score, forced", [("rotated", "first+prev"), ("raw", "first"), ("raw", "prev")])
 def test_selection_ablations_keep_the_window_valid(score, forced):
-    config = LongHeadsConfig(chunk_size=16, attention_length=64)
+    config = LongHeadsConfig(chunk_size=16, attention_length=64, full_attention_length=64)
     model = tiny_model("llama")
     config = apply_longheads(model, config)
     method = evaluation.Method("longheads", config, score=score, forced=forced)
@@ -218,7 +231,7 @@ def test_the_command_line_runs_every_method_on_the_embedded_model(tmp_path):
     """Real text, tiny: a LongHeads window of 64 tokens really selects at 160."""
     result = subprocess.run(
         [sys.executable, "-m", "mlx_longheads.eval", "perplexity", "--lengths", "160", "--samples", "1",
-         "--methods", "full,window:L=64,longheads:L=64,w=16", "--output", str(tmp_path)],
+         "--methods", "full,window:L=64,longheads:L=64,w=16,F=64", "--output", str(tmp_path)],
         capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr
@@ -246,7 +259,7 @@ def test_a_question_is_answered_greedily(embedded):
 
 def test_longheads_samples_record_which_heads_hold_the_answers_chunk(embedded):
     _, tokenizer = embedded
-    config = LongHeadsConfig(64, 512)
+    config = LongHeadsConfig(64, 512, full_attention_length=512)
     model, _ = load(longheads=config)
     method = evaluation.Method("longheads", config.resolve(8192))
     record = evaluation.run_sample("passkey", model, tokenizer, method, 1000, 0, 0, lambda done, total: None)
@@ -265,6 +278,32 @@ def test_longheads_samples_record_which_heads_hold_the_answers_chunk(embedded):
     assert log.share_selecting(len(prompt) // 64 + 5, layers) == [0.0] * layers  # not written yet
     short = evaluation.run_sample("passkey", model, tokenizer, method, 400, 0, 0, lambda done, total: None)
     assert "key_chunk_selected" not in short  # below L: no selection
+
+
+def test_a_prefix_store_shares_the_stock_attention_part_between_selections(monkeypatch):
+    """Below F every method with the same F, chunk size and storage computes the same
+    cache: the store prefills it once (whole prefill steps) and hands out copies."""
+    monkeypatch.setattr(evaluation, "PREFILL_STEP", 64)
+    stock = tiny_model("llama")
+    prompt = [i * 7 % 97 for i in range(200)]
+    models, methods = [], []
+    for selection, F in (("query_head", 128), ("pooled", 128), ("query_head", 64)):
+        model = clone(stock)
+        config = apply_longheads(model, LongHeadsConfig(16, 64, selection, full_attention_length=F))
+        models.append(model)
+        methods.append(evaluation.Method("longheads", config))
+    store = evaluation.PrefixStore()
+    caches = [make_prompt_cache(model) for model in models]
+    assert [store.restore(m, method, prompt, c) for m, method, c in zip(models, methods, caches)] == [128, 128, 64]
+    assert len(store.caches) == 2  # F = 64 is another prefix
+    direct = evaluation.prefilled(models[1], prompt[:128])
+    for restored in caches[:2]:
+        assert restored[0].offset == 128
+        for a, b in zip(restored[-1].state[:4], direct[-1].state[:4]):
+            assert mx.array_equal(a, b).item()
+    models[0](mx.array([prompt[128:]]), cache=caches[0])  # a copy: the store's cache is unchanged
+    assert next(iter(store.caches.values()))[0].offset == 128
+    assert store.restore(models[0], methods[0], prompt[:128], make_prompt_cache(models[0])) == 0
 
 
 def test_merging_runs_keeps_each_sample_once_and_refuses_another_seed(tmp_path, fake_model):

@@ -99,7 +99,7 @@ def test_grouped_mode_shares_one_selection_per_chunk_and_call(selection):
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["query_head", "kv_head"])
+@pytest.mark.parametrize("selection", ["query_head", "kv_head", "pooled"])
 @pytest.mark.parametrize("prefill, steps", [("grouped", [64] + [1] * 36), ("exact", [100])])
 def test_products_on_copied_out_chunks_are_the_same_attention(monkeypatch, selection, prefill, steps):
     """The CUDA path (chunks taken out, then an ordinary matmul), forced on this device."""
@@ -112,6 +112,7 @@ def test_products_on_copied_out_chunks_are_the_same_attention(monkeypatch, selec
         q, k, v, 8, 32, SCALE, BASE,
         group_of=prefilled if prefill == "grouped" else None,
         per_kv_head=selection == "kv_head",
+        pooled=selection == "pooled",
     )
     out, _ = run(q, k, v, config, steps)
     np.testing.assert_allclose(out, expected, atol=2e-5)
@@ -135,6 +136,55 @@ def test_below_attention_length_it_is_ordinary_causal_attention():
         qr, kr, mx.array(v[None]), scale=SCALE, mask="causal", stream=mx.cpu
     )
     np.testing.assert_allclose(out, np.array(expected[0]), atol=2e-5)
+
+
+def test_below_the_full_attention_length_it_is_stock_attention_past_attention_length():
+    """F = 64 > L = 32: every query of a 64-token prompt sees all tokens before it."""
+    q, k, v = random_qkv(64, seed=8)
+    out, _ = run(q, k, v, LongHeadsConfig(8, 32, full_attention_length=64), [13, 27, 24])
+    rope = nn.RoPE(D, base=BASE)
+    qr, kr = rope(mx.array(q[None])), rope(mx.array(k[None]))
+    expected = mx.fast.scaled_dot_product_attention(
+        qr, kr, mx.array(v[None]), scale=SCALE, mask="causal", stream=mx.cpu
+    )
+    np.testing.assert_allclose(out, np.array(expected[0]), atol=2e-5)
+
+
+@pytest.mark.parametrize("selection", ["query_head", "kv_head"])
+@pytest.mark.parametrize(
+    "prefill, steps",
+    [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40), ("grouped", [20] * 6)],
+)
+def test_past_the_full_attention_length_heads_select(selection, prefill, steps):
+    """F = 48, L = 32: the rule on both sides of the threshold, also inside one call."""
+    w, L, F, n = 8, 32, 48, 120
+    config = LongHeadsConfig(w, L, selection=selection, prefill=prefill, full_attention_length=F)
+    q, k, v = random_qkv(n, seed=9)
+    ends = np.cumsum(steps)
+    call_of = np.searchsorted(ends, np.arange(n), side="right")
+    group_of = None if prefill == "exact" else call_of * 1000 + np.arange(n) // w
+    expected = reference.longheads(
+        q, k, v, w, L, SCALE, BASE, group_of=group_of, per_kv_head=selection == "kv_head", F=F
+    )
+    out, _ = run(q, k, v, config, steps)
+    np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize("L", [32, 56])
+@pytest.mark.parametrize(
+    "prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40)]
+)
+def test_pooled_selection_shares_the_layers_chunks_and_keeps_each_heads_own(L, prefill, steps):
+    """selection="pooled" (k = 4: one shared slot; k = 7: two shared and two per head)."""
+    w, n = 8, 120
+    config = LongHeadsConfig(w, L, selection="pooled", prefill=prefill)
+    q, k, v = random_qkv(n, seed=10)
+    ends = np.cumsum(steps)
+    call_of = np.searchsorted(ends, np.arange(n), side="right")
+    group_of = None if prefill == "exact" else call_of * 1000 + np.arange(n) // w
+    expected = reference.longheads(q, k, v, w, L, SCALE, BASE, group_of=group_of, pooled=True)
+    out, _ = run(q, k, v, config, steps)
+    np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
 @settings(max_examples=60, deadline=None)
@@ -176,14 +226,15 @@ class RecordingRoPE(nn.RoPE):
 @given(
     w=st.sampled_from([2, 4, 8]),
     k=st.integers(4, 6),
+    full_extra=st.integers(0, 3),
     n=st.integers(1, 90),
     step=st.integers(1, 40),
     prefill=st.sampled_from(["exact", "grouped"]),
 )
-def test_no_position_reaches_attention_length(w, k, n, step, prefill):
-    L = w * k
+def test_no_position_reaches_the_full_attention_length(w, k, full_extra, n, step, prefill):
+    L, F = w * k, w * (k + full_extra)
     q, k_, v = random_qkv(n, seed=n)
-    config = LongHeadsConfig(w, L, prefill=prefill)
+    config = LongHeadsConfig(w, L, prefill=prefill, full_attention_length=F)
     cache, rope = LongHeadsCache(w), RecordingRoPE(D, base=BASE)
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
@@ -191,7 +242,7 @@ def test_no_position_reaches_attention_length(w, k, n, step, prefill):
             *(mx.array(a[None, :, sl]) for a in (q, k_, v)), cache, rope, SCALE, config
         )
         assert not np.isnan(np.array(out)).any()
-    assert min(n, L) - 1 <= rope.largest < L
+    assert min(n, F) - 1 <= rope.largest < F
     assert cache.complete_chunks == n // w
 
 
@@ -208,18 +259,22 @@ def quantization_round_trip(k, v, w, bits, group):
     return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
 
 
+@pytest.mark.parametrize("selection", ["query_head", "pooled"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
-def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps):
-    """kv_bits changes nothing but the stored keys and values (representations included)."""
+def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps, selection):
+    """kv_bits changes nothing but the stored keys and values (representations and the
+    pooled selection's attention included)."""
     w, L, d, n = 8, 32, 32, 120
-    config = LongHeadsConfig(w, L, prefill=prefill, kv_bits=bits).resolve(None, d)
+    config = LongHeadsConfig(w, L, selection, prefill, kv_bits=bits).resolve(None, d)
     assert config.kv_group_size == 32  # the head dim, under 64
     q, k, v = random_qkv(n, seed=11, d=d)
     kq, vq = quantization_round_trip(k, v, w, bits, 32)
     t = np.arange(n)
     group_of = None if prefill == "exact" else (t // steps[0]) * 1000 + t // w
-    expected = reference.longheads(q, kq, vq, w, L, d**-0.5, BASE, group_of=group_of)
+    expected = reference.longheads(
+        q, kq, vq, w, L, d**-0.5, BASE, group_of=group_of, pooled=selection == "pooled"
+    )
     out, cache = run(q, k, v, config, steps, scale=d**-0.5)
     assert cache.bits == bits and cache.keys[0].dtype == mx.uint32
     np.testing.assert_allclose(out, expected, atol=2e-5)

@@ -34,12 +34,16 @@ def test_below_attention_length_logits_equal_stock_attention(arch):
 
 
 def test_below_attention_length_generate_step_equals_stock(arch):
+    """Through mlx-lm's generate_step: stock's logits within 1e-4, so stock's greedy
+    tokens, every step's margin (top-1 minus top-2) being more than twice that."""
     stock = tiny_model(arch)
     prompt = tokens(30)[0]
     runs = [
         list(generate_step(prompt, model, max_tokens=30, prefill_step_size=7))
         for model in (stock, longheads_copy(stock))
     ]
+    top2 = np.sort(np.array([lp for _, lp in runs[0]]), axis=-1)[:, -2:]
+    assert (top2[:, 1] - top2[:, 0]).min() > 2e-4  # no near-tie for rounding to decide
     assert [t for t, _ in runs[0]] == [t for t, _ in runs[1]]
     for (_, a), (_, b) in zip(*runs):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
@@ -57,13 +61,18 @@ def test_exact_prefill_logits_equal_token_by_token_decode(arch, n, selection):
     np.testing.assert_allclose(np.array(prefill), np.array(decode), atol=1e-4)
 
 
-def test_past_attention_length_it_differs_from_stock():
-    """Not a test of quality: it shows the long-context path is really taken."""
+@pytest.mark.parametrize("full_attention_length, stock_up_to", [(64, 64), (None, 256)])
+def test_past_the_full_attention_length_it_differs_from_stock(full_attention_length, stock_up_to):
+    """The paper's threshold (F = L = 64) and the default (F = the trained length, 256):
+    stock attention up to F, the long-context path after it (not a test of quality)."""
     stock = tiny_model("llama")
-    x = tokens(200)
-    diff = mx.abs(longheads_copy(stock)(x) - stock(x))
-    assert diff[:, :64].max().item() < 1e-4
-    assert diff[:, 64:].max().item() > 1e-2
+    config = LongHeadsConfig(8, 64, full_attention_length=full_attention_length)
+    model = longheads_copy(stock, config)
+    assert model.layers[0].self_attn.config.full_attention_length == stock_up_to
+    x = tokens(stock_up_to + 136)
+    diff = mx.abs(model(x) - stock(x))
+    assert diff[:, :stock_up_to].max().item() < 1e-4
+    assert diff[:, stock_up_to:].max().item() > 1e-2
 
 
 def test_quantized_weights_keep_working():
@@ -104,7 +113,10 @@ def test_dynamic_ntk_rope_is_refused():
         (LongHeadsConfig(8, 512), "exceeds the model's trained length 256", "use at most 256"),
         (LongHeadsConfig(24, 64), "must be a multiple of chunk_size 24", "choose a chunk_size that divides it"),
         (LongHeadsConfig(32, 96), "at least 4 are needed", "lower chunk_size or raise attention_length"),
-        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'query_head' or 'kv_head'"),
+        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'query_head', 'kv_head', 'pooled'"),
+        (LongHeadsConfig(8, 64, full_attention_length=32), "at least attention_length 64", "use 64 for the paper's rule"),
+        (LongHeadsConfig(8, 64, full_attention_length=100), "must be a multiple of chunk_size 8", "or the trained length"),
+        (LongHeadsConfig(8, 64, full_attention_length=512), "full_attention_length 512 exceeds", "use at most 256"),
         (LongHeadsConfig(8, 64, prefill="fast"), "prefill must be", "'grouped' or 'exact'"),
         (LongHeadsConfig(8, 64, kv_bits=3), "kv_bits must be one of (4, 8)", "or None for float K/V"),
         (LongHeadsConfig(8, 64, kv_bits=8), "kv_group_size must be one of (32, 64, 128)", "got 16 (the head dim 16)"),

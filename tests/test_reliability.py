@@ -122,7 +122,8 @@ class Run:
 def generate_checking(run: Run) -> None:
     """Generate through mlx-lm's generate_step, checking the cache after each model call."""
     model = tiny_model(run.arch)
-    config = LongHeadsConfig(run.w, run.w * run.chunks, run.selection, run.prefill)
+    L = run.w * run.chunks  # the paper's threshold F = L, so short runs select too
+    config = LongHeadsConfig(run.w, L, run.selection, run.prefill, full_attention_length=L)
     apply_longheads(model, config, max_size=run.max_size)
     cache = [GrowthWatch(c.chunk_size, c.max_size) for c in model.make_cache()]
 
@@ -167,7 +168,7 @@ def runs(draw) -> Run:
         step=draw(st.integers(1, L)),
         max_size=draw(st.one_of(st.none(), st.integers(1, 3 * L))),
         prefill=draw(st.sampled_from(["grouped", "exact"])),
-        selection=draw(st.sampled_from(["query_head", "kv_head"])),
+        selection=draw(st.sampled_from(["query_head", "kv_head", "pooled"])),
     )
 
 
@@ -221,7 +222,7 @@ def test_buffers_grow_by_one_step_and_preallocation_keeps_nbytes_constant(w, max
     arch=st.sampled_from(list(ARCHITECTURES)),
     w=st.sampled_from([4, 8]),
     chunks=st.integers(4, 5),
-    selection=st.sampled_from(["query_head", "kv_head"]),
+    selection=st.sampled_from(["query_head", "kv_head", "pooled"]),
     cuts=st.lists(st.integers(1, 30), min_size=2, max_size=5),
 )
 def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token(
@@ -232,7 +233,7 @@ def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token
     feeding one token per call."""
     L = w * chunks
     model = tiny_model(arch)
-    apply_longheads(model, LongHeadsConfig(w, L, selection, prefill="exact"))
+    apply_longheads(model, LongHeadsConfig(w, L, selection, prefill="exact", full_attention_length=L))
     prompt = random_tokens(sum(cuts), seed=len(cuts))
     cache = model.make_cache()
     starts = np.cumsum([0] + cuts)
@@ -254,12 +255,14 @@ def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token
 # --- batches ---
 
 
+@pytest.mark.parametrize("selection", ["query_head", "pooled"])
 @pytest.mark.parametrize("prefill", ["grouped", "exact"])
-def test_a_batch_of_two_prompts_gives_each_row_the_logits_it_gets_alone(arch, prefill):
+def test_a_batch_of_two_prompts_gives_each_row_the_logits_it_gets_alone(arch, prefill, selection):
     """Batches work (selection is per row): two different prompts past L, prefilled in
     two calls and then decoded, give each row the logits of its prompt run alone."""
     model = tiny_model(arch)
-    apply_longheads(model, LongHeadsConfig(8, 32, prefill=prefill))
+    config = LongHeadsConfig(8, 32, selection, prefill=prefill, full_attention_length=32)
+    apply_longheads(model, config)
     tokens = random_tokens(75, seed=1, rows=2)
     calls = [(0, 30), (30, 70)] + [(t, t + 1) for t in range(70, 75)]
 

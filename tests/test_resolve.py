@@ -155,12 +155,15 @@ def test_default_model_config(smollm2):
 
 def test_default_model_agrees_with_an_independent_numpy_llama(smollm2):
     """232 tokens of prose through the converted model and through numpy_llama, which
-    decodes the GGUF itself, in float64.
+    decodes the GGUF itself, in float64: logits within 1e-3, so the same top-1 wherever
+    float64's margin (top-1 minus top-2 logit) exceeds 2e-3. The top-1 itself is not
+    asserted: where the margin is a near-tie it follows the rounding order, not the model.
 
     The model runs dequantized in float32: MLX's CPU quantized matmul takes ~45 s for
     this (the quantized path itself is checked on the tiny models). Measured: max
-    |logit difference| 7.4e-5 (mean 7.8e-6; logits up to 41), top-1 equal at all 232. As
-    loaded (quantized, float16 activations): max 0.032 (mean 0.0013), top-1 equal at all 232.
+    |logit difference| 7.4e-5 (mean 7.8e-6; logits up to 41); the smallest float64
+    margin is 0.0046 (token 126). As loaded (quantized, float16 activations): max 0.032
+    (mean 0.0013), top-1 equal at all 232 where measured, which the 0.0046 does not promise.
     """
     _, tokenizer, folder = smollm2
     tokens = tokenizer.encode(PROSE)
@@ -170,7 +173,6 @@ def test_default_model_agrees_with_an_independent_numpy_llama(smollm2):
     model, _ = mlx_lm.load(str(folder))  # a copy: dequantizing changes a model in place
     model.set_dtype(mx.float32)  # scales first, so the dequantized weights are exact
     got = np.array(dequantize_model(model)(mx.array([tokens]))[0])
-    assert (got.argmax(-1) == expected.argmax(-1)).all()
     assert np.abs(got - expected).max() < 1e-3
 
 
@@ -196,9 +198,18 @@ def test_default_chat_template_and_special_tokens(smollm2):
 
 
 def test_default_model_answers_a_chat_question(smollm2):
-    """Stock mlx-lm, greedy, on the model as loaded (quantized)."""
+    """Stock mlx-lm, greedy, on the model as loaded (quantized). Its logits are within
+    0.032 of exact ones (measured above), so two roundings differ by less than 0.1: every
+    step up to "Paris" must win by more than twice that, or the answer follows the
+    rounding order ("What is the capital of France?" starts with "The" 0.08 over "L")."""
     model, tokenizer, _ = smollm2
-    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    messages = [{"role": "user", "content": "Name the capital of France."}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-    answer = mlx_lm.generate(model, tokenizer, prompt, max_tokens=20)
+    answer, margins = "", []
+    for step in mlx_lm.stream_generate(model, tokenizer, prompt, max_tokens=20):
+        top2 = np.sort(np.array(step.logprobs.astype(mx.float32)))[-2:]
+        answer, margins = answer + step.text, margins + [top2[1] - top2[0]]
+        if "Paris" in answer:
+            break
     assert "Paris" in answer
+    assert min(margins) > 2 * 0.1, margins  # 1.44: "The" over the next token
