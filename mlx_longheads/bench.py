@@ -47,13 +47,13 @@ from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_by
 from .models import apply_longheads, longheads_config, make_cache
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
-    "longheads": LongHeadsConfig(),  # the default: each query head selects
+    "longheads": LongHeadsConfig(),  # the default: the pooled selection
+    "longheads-head": LongHeadsConfig(selection="query_head"),  # each query head selects
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
-    "longheads-pooled": LongHeadsConfig(selection="pooled"),  # half the slots by the layer
 }
-DEFAULT_METHODS = "longheads,longheads-kv,full"
+DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
 LLAMA3_8B = dict(heads=32, kv_heads=8, head_dim=128, trained_length=8192, rope_base=500000.0)
 
@@ -238,7 +238,8 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
     """K/V bytes one call reads and writes (representations included for LongHeads).
 
     Full attention reads the whole cache once (a lower bound for a prefill block);
-    LongHeads reads, per group of queries sharing a selection, its window's chunks.
+    LongHeads reads, per group of queries sharing a selection, its window's chunks (and,
+    with the pooled selection, every key once per group, for the layer's pooled attention).
     """
     H, Hk, D, item = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["itemsize"]
     if method == "full":
@@ -246,11 +247,12 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
     kv_item = kv_element_bytes(item, config)
     written = 2 * Hk * tokens * D * kv_item
     w, k = config.chunk_size, config.num_chunks
-    selecting = H if config.selection == "query_head" else Hk
+    selecting = Hk if config.selection == "kv_head" else H
     groups = -(-tokens // w)
     window = 2 * selecting * k * w * D * kv_item * groups
     representations = H * (context // w) * D * item
-    return window + representations + written + H * tokens * D * item  # + queries kept
+    pooled = Hk * context * D * kv_item * groups if config.selection == "pooled" else 0
+    return window + representations + pooled + written + H * tokens * D * item  # + queries kept
 
 
 def kernel_bench(args) -> dict:
@@ -400,7 +402,8 @@ def markdown(report: dict, command: str) -> str:
         f"Caches: {report['fill']}, then {report['decode_steps']} single-token decode steps (median) and "
         f"{report['prefill_block']}-token prefill blocks appended at the context "
         f"(median of {report['prefill_repeats']}).",
-        f"LongHeads: {report['longheads']}; `longheads-kv` selects per KV head; "
+        f"LongHeads: {report['longheads']}; `longheads-head` selects per query head (the paper's rule), "
+        "`longheads-kv` per KV head; "
         "`longheads-q8` stores keys and values in 8 bits (kv_bits=8).",
     ]
     if report["kind"] == "model":

@@ -29,10 +29,12 @@ class LongHeadsConfig:
       attends to all of them (stock attention); past it, each head selects. At least
       attention_length (which is the paper's threshold), at most the trained length.
       None: the trained length, so inside it LongHeads answers what the model does.
-    selection: "query_head" picks chunks per query head (the paper's rule);
-      "kv_head" sums the scores of a GQA group and picks once per KV head;
-      "pooled" fills half the retrieved slots (rounded up) with chunks the whole
-      layer picks by its heads' pooled attention estimate, the rest per query head.
+    selection: "pooled" (the default) fills half the retrieved slots (rounded up) with
+      the chunks the layer's heads attend to most together, the rest per query head:
+      it finds a sentence in natural text past the trained length where the paper's
+      rule does not (README, "Questions about real text"); "query_head" picks chunks
+      per query head (the paper's rule); "kv_head" sums the scores of a GQA group and
+      picks once per KV head.
     prefill: "grouped" lets the queries of one chunk within one forward call share a
       selection (one attention call per chunk); "exact" selects per token.
     kv_bits: store keys and values quantized to 4 or 8 bits (None: the model's float
@@ -43,7 +45,7 @@ class LongHeadsConfig:
 
     chunk_size: Optional[int] = None
     attention_length: Optional[int] = None
-    selection: Selection = "query_head"
+    selection: Selection = "pooled"
     prefill: Prefill = "grouped"
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None

@@ -134,11 +134,11 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
         "ablation": [
             "longheads", f"longheads:L={quarter}", f"longheads:L={half}", f"longheads:L={three_quarters}",
             "longheads:w=64", "longheads:w=128", "longheads:w=256",
-            "longheads:prefill=exact", "longheads:sel=kv_head", "longheads:score=rotated",
-            "longheads:forced=first", "longheads:forced=prev",
+            "longheads:prefill=exact", "longheads:sel=kv_head", "longheads:sel=query_head,score=rotated",
+            "longheads:sel=query_head,forced=first", "longheads:sel=query_head,forced=prev",
         ],
         "designs": [
-            "full", f"longheads:F={quarter}", "longheads",
+            "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
             f"longheads:sel=pooled,F={quarter}", "longheads:sel=pooled",
         ],
     }
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-length-full", default="32k", help="longest prompt run with full attention; longer ones are recorded as skipped")
     parser.add_argument("--chunk-size", type=int, default=None, help="LongHeads default for methods that do not set w=")
     parser.add_argument("--attention-length", type=int, default=None, help="LongHeads default for L= (and the window's length)")
-    parser.add_argument("--selection", choices=list(SELECTIONS), default="query_head")
+    parser.add_argument("--selection", choices=list(SELECTIONS), default=LongHeadsConfig.selection)
     parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
     parser.add_argument("--full-attention-length", type=int, default=None, help="LongHeads default for F= (default: the trained length)")
     return parser

@@ -27,6 +27,10 @@ NOTES = [
     "`longheads.select_chunks`: the chunk score with R(q, w) instead of the raw query; "
     "only the first (`forced=first`) or previous (`forced=prev`) chunk forced besides "
     "the own one, one more chunk retrieved.",
+    "- `F=`: the full attention length: a query with at most F tokens up to it attends to "
+    "all of them (stock attention); a LongHeads name without `F=` has F = L, the paper's "
+    "threshold. `sel=pooled`: half the retrieved slots hold the chunks the layer's heads "
+    "attend to most together.",
     "- Cells: mean (number of samples); `skipped`: full attention beyond --max-length-full.",
 ]
 

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--attention", choices=["longheads", "full"], default="longheads", help="'full' runs mlx-lm's stock attention for comparison")
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--attention-length", type=int, default=None)
-    parser.add_argument("--selection", choices=list(SELECTIONS), default="query_head")
+    parser.add_argument("--selection", choices=list(SELECTIONS), default=LongHeadsConfig.selection)
     parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
     parser.add_argument("--full-attention-length", type=int, default=None, help="prompts up to this many tokens get stock attention (default: the trained length; the paper's rule: --attention-length)")
     return parser

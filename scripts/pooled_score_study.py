@@ -27,9 +27,8 @@ import numpy as np
 
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import prefilled, select_chunks_replaced
-from mlx_longheads.tasks import make_sample
 import mlx_longheads.longheads as longheads
-from needle_oracle import write_report  # scripts/ is on the path when run
+from needle_oracle import candidate_samples, write_report  # scripts/ is on the path when run
 
 
 def tail_queries(model, prompt: List[int], tail: int):
@@ -105,12 +104,9 @@ def main() -> None:
         " q . rep / pooled attention mass / the same at the last token / pooled Quest bound.",
         "",
     ]
-    for index in map(int, args.samples.split(",")):
-        sample = make_sample(args.task, tokenizer, args.length, index)
-        prompt = tokenizer.encode(sample.prompt)
-        chunk, own = sample.answer_chunk(tokenizer, w), (len(prompt) - 1) // w
-        if not 1 <= chunk <= own - 2:
-            rows.append(f"- sample {index}: answer chunk {chunk} is forced (first or last), not a candidate")
+    for index, sample, prompt, chunk, own in candidate_samples(args.task, tokenizer, args.length, args.samples, w):
+        if chunk is None:
+            rows.append(f"- sample {index}: the answer's chunk is forced (first or last), not a candidate")
             continue
         column, candidates = chunk - 1, own - 2
         cache, queries = tail_queries(model, prompt, args.tail)

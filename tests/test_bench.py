@@ -35,7 +35,7 @@ def test_model_bench_writes_json_markdown_and_plot(tmp_path, tiny_load):
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["command"].startswith("python -m mlx_longheads.bench --contexts 256,512")
     assert {(r["context"], r["method"]) for r in saved["results"]} == {
-        (c, m) for c in (256, 512) for m in ("longheads", "longheads-kv", "full")
+        (c, m) for c in (256, 512) for m in ("longheads", "longheads-head", "full")
     }
     for r in saved["results"]:
         assert r["decode_ms"] > 0 and len(r["decode_ms_all"]) == 2
@@ -55,9 +55,10 @@ def test_kernel_bench_reports_bytes_and_bandwidth(tmp_path, monkeypatch):
                          "--prefill-block", "40", "--output", str(out)])
     rows = {(r["context"], r["method"]): r for r in report["results"]}
     assert len(rows) == 6
-    # Full attention reads the whole cache; LongHeads its k chunks per selecting head.
+    # Full attention reads the whole cache; LongHeads its k chunks per selecting head, and
+    # the pooled selection (the default) every key once more for the layer's attention.
     assert rows[512, "full"]["decode_bytes"] > rows[256, "full"]["decode_bytes"]
-    assert rows[512, "longheads-kv"]["decode_bytes"] < rows[512, "longheads"]["decode_bytes"]
+    assert rows[512, "longheads-head"]["decode_bytes"] < rows[512, "longheads"]["decode_bytes"]
     assert all(r["decode_gb_per_s"] > 0 and r["prefill_gb_per_s"] > 0 for r in rows.values())
     assert "GB/s" in out.with_suffix(".md").read_text()
 

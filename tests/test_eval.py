@@ -85,7 +85,7 @@ def test_samples_are_deterministic(tokenizer):
 def test_method_names_are_canonical():
     flags, trained = LongHeadsConfig(), 8192
     names = [m.name for m in evaluation.parse_methods("longheads:L=2048,w=128,full,window", flags, trained)]
-    assert names == ["longheads:L=2048,w=128,sel=query_head,prefill=grouped,F=8192", "full", "window:L=2048"]
+    assert names == ["longheads:L=2048,w=128,sel=pooled,prefill=grouped,F=8192", "full", "window:L=2048"]
     same = evaluation.parse_methods("longheads,longheads:L=2048,w=256,F=8192", flags, trained)
     assert len(same) == 1
     # F = L, the paper's threshold, keeps the name the results had before F existed.
@@ -93,7 +93,7 @@ def test_method_names_are_canonical():
     assert [m.name for m in paper] == ["longheads:L=2048,w=256,sel=pooled,prefill=grouped"]
     ablation = [m.name for m in evaluation.parse_methods("ablation", flags, trained)]
     for length in (2048, 4096, 6144):  # a quarter, half and three quarters of the trained length
-        assert f"longheads:L={length},w=256,sel=query_head,prefill=grouped,F=8192" in ablation
+        assert f"longheads:L={length},w=256,sel=pooled,prefill=grouped,F=8192" in ablation
     assert "longheads:L=2048,w=256,sel=query_head,prefill=grouped,F=8192,forced=prev" in ablation
     designs = [m.name for m in evaluation.parse_methods("designs", flags, trained)]
     assert designs == [
@@ -112,7 +112,7 @@ def test_method_names_are_canonical():
 
 @pytest.mark.parametrize("score, forced", [("rotated", "first+prev"), ("raw", "first"), ("raw", "prev")])
 def test_selection_ablations_keep_the_window_valid(score, forced):
-    config = LongHeadsConfig(chunk_size=16, attention_length=64, full_attention_length=64)
+    config = LongHeadsConfig(16, 64, "query_head", full_attention_length=64)
     model = tiny_model("llama")
     config = apply_longheads(model, config)
     method = evaluation.Method("longheads", config, score=score, forced=forced)
@@ -138,7 +138,7 @@ def test_selection_ablations_keep_the_window_valid(score, forced):
                 assert (group - 1 in chunks) == (forced != "first")
 
 
-def fake_run_sample(task, model, tokenizer, method, n, index, seed, progress):
+def fake_run_sample(task, model, tokenizer, method, n, index, seed, progress, prefixes=None):
     progress(n, n)
     return dict(tokens=n, score=1.0, answer=" 1", prefill_s=0.0, total_s=0.0)
 
@@ -238,7 +238,7 @@ def test_the_command_line_runs_every_method_on_the_embedded_model(tmp_path):
     assert "[3/3]" in result.stderr
     report = (tmp_path / "report.md").read_text()
     nll = {}
-    for method in ("full", "window:L=64", "longheads:L=64,w=16,sel=query_head,prefill=grouped"):
+    for method in ("full", "window:L=64", "longheads:L=64,w=16,sel=pooled,prefill=grouped"):
         assert f"| `{method}` |" in report
         record = json.loads(results_path(tmp_path, "perplexity", method).read_text())
         assert record["tokens"] == 160 and record["buckets"][0][3] == 159

@@ -153,7 +153,7 @@ def test_kv_bits_8_stays_close_to_float(arch, shape, monkeypatch):
     runs = {}
     for bits in (None, 8):
         selections.clear()
-        model = longheads_copy(stock, LongHeadsConfig(8, 64, kv_bits=bits))
+        model = longheads_copy(stock, LongHeadsConfig(8, 64, "query_head", kv_bits=bits, full_attention_length=64))
         cache = model.make_cache()
         logits = [model(x[:, :250], cache=cache)]
         logits += [model(x[:, t : t + 1], cache=cache) for t in range(250, 300)]
