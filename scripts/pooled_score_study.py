@@ -1,7 +1,7 @@
 """Does pooling over a layer's heads and the question's tokens find the answer's chunk?
 
-Prefills the eval's prompt with LongHeads (default configuration) except its last Q
-tokens, feeds those one at a time and records each layer's raw queries. Then, per layer,
+Prefills the eval's prompt with LongHeads (default configuration, but the paper's per-head
+selection) except its last Q tokens, feeds those one at a time and records each layer's raw queries. Then, per layer,
 the rank (1 = best) of the answer's chunk among the candidates 1..own-2 under:
 
   share   the share of heads whose own top k-3 by q . rep holds it (today's rule, last token)
@@ -87,7 +87,9 @@ def main() -> None:
     parser.add_argument("--full-attention-length", type=int, default=None)
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    model, tokenizer = load(longheads=LongHeadsConfig(full_attention_length=args.full_attention_length))
+    # The paper's per-head selection builds the cache (its hook records the tail's queries).
+    config = LongHeadsConfig(selection="query_head", full_attention_length=args.full_attention_length)
+    model, tokenizer = load(longheads=config)
     attention = model.layers[0].self_attn
     w, k = attention.config.chunk_size, attention.config.num_chunks
     n_layers = len(model.layers)
