@@ -46,13 +46,16 @@ def forcing(chunk: int):
 
 
 def paper_threshold_model(attention_length: Optional[int] = None):
-    """The embedded model with LongHeads switching at the paper's threshold (F = L), as
-    these studies of its per-head selection inside the trained length need."""
+    """The embedded model with the paper's rule (per-head selection from F = L on), as
+    these studies of that selection inside the trained length need."""
     model, tokenizer = load(longheads=None)
     if attention_length is None:
         trained = model.args.max_position_embeddings
         attention_length = LongHeadsConfig().resolve(trained).attention_length
-    apply_longheads(model, LongHeadsConfig(attention_length=attention_length, full_attention_length=attention_length))
+    config = LongHeadsConfig(
+        attention_length=attention_length, selection="query_head", full_attention_length=attention_length
+    )
+    apply_longheads(model, config)
     return model, tokenizer
 
 
