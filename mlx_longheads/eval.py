@@ -453,6 +453,7 @@ def run_sample(
     if task == "perplexity":
         return perplexity_record(model, tokenizer, cache, n, index, seed, progress)
     chunk_size = method.config.chunk_size if method.kind == "longheads" else None
+
     def reuse(prompt: List[int], progress: Callable[[int, int], None]) -> int:
         return prefixes.restore(model, method, prompt, cache, progress) if prefixes else 0
 

@@ -91,6 +91,22 @@ def chunk_representations(
     return rep.reshape(B, n, H, D).transpose(0, 2, 1, 3)
 
 
+def candidate_chunks(n_chunks: int, own: mx.array) -> mx.array:
+    """[G, n_chunks]: which chunks a group may retrieve, 1..own-2 (0, own-1 and own are
+    in every window anyway)."""
+    chunk = mx.arange(n_chunks)
+    return (chunk >= 1) & (chunk[None] <= own[:, None] - 2)
+
+
+def window_of(retrieved: mx.array, own: mx.array) -> mx.array:
+    """The window [0, sorted retrieved, own-1, own] (uint32) of each head and group,
+    from retrieved chunks [..., G, r]."""
+    retrieved = mx.sort(retrieved, axis=-1).astype(mx.uint32)
+    ends = mx.broadcast_to(own[:, None] + mx.array([-1, 0]), (*retrieved.shape[:-1], 2))
+    first = mx.zeros((*retrieved.shape[:-1], 1), mx.uint32)
+    return mx.concatenate([first, retrieved, ends.astype(mx.uint32)], axis=-1)
+
+
 def select_chunks(
     query_sums: mx.array,
     representations: mx.array,
@@ -112,14 +128,9 @@ def select_chunks(
     if n_kv_heads is not None:
         B, H, G, C = scores.shape
         scores = scores.reshape(B, n_kv_heads, H // n_kv_heads, G, C).sum(axis=2)
-    candidates = mx.arange(scores.shape[-1])
-    allowed = (candidates >= 1) & (candidates[None] <= own[:, None] - 2)  # [G, C]
-    scores = mx.where(allowed, scores, -mx.inf)
+    scores = mx.where(candidate_chunks(scores.shape[-1], own), scores, -mx.inf)
     top = mx.argpartition(-scores, kth=k - 4, axis=-1)[..., : k - 3]
-    top = mx.sort(top, axis=-1)
-    ends = mx.broadcast_to(own[:, None] + mx.array([-1, 0]), (*top.shape[:-1], 2))
-    first = mx.zeros((*top.shape[:-1], 1), mx.uint32)
-    return mx.concatenate([first, top, ends.astype(mx.uint32)], axis=-1)
+    return window_of(top, own)
 
 
 def pooled_attention(
@@ -145,8 +156,7 @@ def pooled_attention(
             rotated, *keys, transpose=True, group_size=cache.group_size, bits=cache.bits
         )
     scores = scores.astype(mx.float32).reshape(B, H, G, C * w) * scale
-    chunk = mx.arange(C * w) // w
-    allowed = (chunk >= 1) & (chunk[None] <= own[:, None] - 2)  # [G, C*w]
+    allowed = mx.repeat(candidate_chunks(C, own), w, axis=1)  # [G, C*w]: per key
     mass = mx.softmax(mx.where(allowed, scores, -mx.inf), axis=-1)
     return mass.reshape(B, H, G, C, w).sum(axis=(1, 4))
 
@@ -166,23 +176,20 @@ def select_chunks_pooled(
     Returns uint32 [B, H, G, k], the layout of `select_chunks`.
     """
     B, H, G, _ = query_sums.shape
+    C = pooled.shape[-1]
     retrieved = k - 3
     shared = -(-retrieved // 2)
-    candidates = mx.arange(pooled.shape[-1])
-    allowed = (candidates >= 1) & (candidates[None] <= own[:, None] - 2)  # [G, C]
+    allowed = candidate_chunks(C, own)  # [G, C]
     pooled = mx.where(allowed, pooled, -mx.inf)
     layer_top = mx.argpartition(-pooled, kth=shared - 1, axis=-1)[..., :shared]  # [B, G, s]
-    chosen = (layer_top[..., None] == candidates).any(axis=-2)  # [B, G, C]
+    chosen = (layer_top[..., None] == mx.arange(C)).any(axis=-2)  # [B, G, C]
     top = mx.broadcast_to(layer_top[:, None], (B, H, G, shared))
     if retrieved > shared:
         scores = query_sums @ representations.astype(query_sums.dtype).swapaxes(-1, -2)
         scores = mx.where(allowed & ~chosen[:, None], scores, -mx.inf)
         own_top = mx.argpartition(-scores, kth=retrieved - shared - 1, axis=-1)
         top = mx.concatenate([top, own_top[..., : retrieved - shared]], axis=-1)
-    top = mx.sort(top, axis=-1).astype(mx.uint32)
-    ends = mx.broadcast_to(own[:, None] + mx.array([-1, 0]), (B, H, G, 2))
-    first = mx.zeros((B, H, G, 1), mx.uint32)
-    return mx.concatenate([first, top, ends.astype(mx.uint32)], axis=-1)
+    return window_of(top, own)
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
