@@ -83,4 +83,7 @@ $python -m mlx_longheads.eval report --output results/eval
 $python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:sel=pooled,longheads:sel=query_head --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 16k --samples 4 --methods longheads:sel=pooled,longheads:sel=query_head --output results/eval
 $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:sel=pooled,longheads:sel=query_head --output results/eval
+# and one 32k sample of each (/tmp/ev/F, /tmp/ev/G), the default (pooled, F = 8192) only:
+$python -m mlx_longheads.eval needle --lengths 32k --samples 1 --first-sample 1 --methods longheads:sel=pooled --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 32k --samples 1 --methods longheads:sel=pooled --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
