@@ -3,8 +3,10 @@
 Per layer it stores the keys rotated by their offset inside their chunk (the query is
 rotated for the window slot a chunk lands in, so a key can sit in any slot), the
 values, one representation per complete chunk and query head, and the raw queries of
-the current incomplete chunk only (they are needed to compute that chunk's
-representation once it completes). With `bits`, keys and values are stored quantized
+the current incomplete chunk (they are needed to compute that chunk's representation
+once it completes) and of the last UNDO_CHUNKS complete ones (so that `trim` can cut
+inside them exactly: the cut chunk's representation is computed again when it
+completes again). With `bits`, keys and values are stored quantized
 along the head dim (packed uint32, scales and biases, as mlx-lm's QuantizedKVCache)
 from the first token on; representations and queries stay float. Buffers grow in
 whole chunks, by at least 2048 tokens and an eighth of their size, so appending is
@@ -19,6 +21,9 @@ from mlx_lm.models import cache as mlx_lm_cache
 from mlx_lm.models.cache import _BaseCache
 
 MIN_GROWTH = 2048
+# Complete chunks whose raw queries are kept for `trim`: a conversation's next request
+# usually differs from the cached one in its last few tokens (the re-templated answer).
+UNDO_CHUNKS = 2
 
 # A K/V buffer: float [B, Hk, capacity, D], or quantized (packed, scales, biases).
 Buffer = Union[mx.array, Tuple[mx.array, mx.array, mx.array]]
@@ -42,11 +47,18 @@ class LongHeadsCache(_BaseCache):
         self.values: Optional[Buffer] = None  # [B, Hk, capacity, Dv]
         self.representations: Optional[mx.array] = None  # [B, H, capacity / w, D]
         self.queries: Optional[mx.array] = None  # [B, H, w, D]: the incomplete chunk's
+        # [B, H, u * w, D]: the last u <= UNDO_CHUNKS complete chunks' (None: u = 0)
+        self.undo_queries: Optional[mx.array] = None
         self.offset = 0
 
     @property
     def complete_chunks(self) -> int:
         return self.offset // self.chunk_size
+
+    @property
+    def undo_chunks(self) -> int:
+        """Complete chunks (the last ones) whose raw queries are kept."""
+        return 0 if self.undo_queries is None else self.undo_queries.shape[2] // self.chunk_size
 
     @property
     def capacity(self) -> int:
@@ -133,10 +145,13 @@ class LongHeadsCache(_BaseCache):
         rest = end % w
         if rest:
             self.queries[:, :, :rest] = chunk_queries[:, :, completed * w :]
+        done = chunk_queries[:, :, : completed * w]
+        kept = done if self.undo_queries is None else mx.concatenate([self.undo_queries, done], axis=2)
+        self.undo_queries = mx.contiguous(kept[:, :, -UNDO_CHUNKS * w :])
         first = (start // w) * w
         last = first + completed * w
         return (
-            chunk_queries[:, :, : completed * w],
+            done,
             *(self.decode(self._rows(b, first, last)) for b in (self.keys, self.values)),
         )
 
@@ -163,6 +178,7 @@ class LongHeadsCache(_BaseCache):
             self._rows(self.values, 0, used),
             self.representations[:, :, : self.complete_chunks],
             self.queries,
+            self.undo_queries,
             self.offset,
             self.chunk_size,
             self.bits,
@@ -174,13 +190,14 @@ class LongHeadsCache(_BaseCache):
         self.max_size = None
         if not v:
             self.keys = self.values = self.representations = self.queries = None
+            self.undo_queries = None
             self.offset = 0
             return
-        keys, values, representations, queries = v[:4]
-        self.offset, self.chunk_size, self.bits, self.group_size = v[4:]
+        keys, values, representations, queries, undo_queries = v[:5]
+        self.offset, self.chunk_size, self.bits, self.group_size = v[5:]
         # A loaded file gives lists where the state had tuples.
         self.keys, self.values = (tuple(b) if self.bits else b for b in (keys, values))
-        self.queries = queries
+        self.queries, self.undo_queries = queries, undo_queries
         B, H, n, D = representations.shape
         capacity = self.capacity // self.chunk_size
         self.representations = mx.zeros((B, H, capacity, D), representations.dtype)
@@ -193,7 +210,37 @@ class LongHeadsCache(_BaseCache):
         return self.keys is None
 
     def is_trimmable(self) -> bool:
-        return False
+        """Any cut is possible; `trim` says whether it was exact by the count it returns."""
+        return True
+
+    def trim(self, n: int) -> int:
+        """Forget the last n tokens (at most all); return how many were forgotten.
+
+        Exact when the cut lands in the incomplete chunk, on a chunk boundary, or in one
+        of the last `undo_chunks` complete chunks, whose raw queries come back as the
+        pending ones (its representation is recomputed when it completes again).
+        Elsewhere those queries are gone, so the cut moves back to the start of its
+        chunk: up to w - 1 tokens more than asked, which the caller must read from the
+        count and feed again (`server.LongHeadsPromptCache` makes mlx-lm's prompt-cache
+        store do so; mlx-lm's speculative decoding trims only its last few tokens).
+        """
+        w, complete = self.chunk_size, self.complete_chunks
+        chunk, inside = divmod(self.offset - min(n, self.offset), w)
+        first_undo = complete - self.undo_chunks  # the oldest chunk with its queries
+        if chunk < complete and inside:
+            if chunk >= first_undo:
+                row = (chunk - first_undo) * w
+                self.queries[:, :, :inside] = self.undo_queries[:, :, row : row + inside]
+            else:
+                inside = 0
+        if self.undo_queries is not None:
+            kept = max(0, chunk - first_undo)  # complete chunks before the cut stay complete
+            self.undo_queries = self.undo_queries[:, :, : kept * w] if kept else None
+        if chunk < complete:  # as in a cache that never held them: no representations
+            self.representations[:, :, chunk:complete] = 0
+        trimmed = self.offset - (chunk * w + inside)
+        self.offset -= trimmed
+        return trimmed
 
     def make_mask(self, *args, **kwargs):
         """LongHeads builds its own masks per head window; mlx-lm's model passes this on."""
@@ -210,8 +257,8 @@ class LongHeadsCache(_BaseCache):
     def nbytes(self) -> int:
         if self.keys is None:
             return 0
-        arrays = (self.keys, self.values, self.representations, self.queries)
-        return sum(a.nbytes for _, a in tree_flatten(arrays))
+        arrays = (self.keys, self.values, self.representations, self.queries, self.undo_queries)
+        return sum(a.nbytes for _, a in tree_flatten(arrays) if a is not None)
 
 
 # mlx-lm's load_prompt_cache looks cache classes up by name in its own module.

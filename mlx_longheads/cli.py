@@ -1,7 +1,11 @@
-"""What every command-line tool of this project does with bad input."""
+"""What the command-line tools of this project share: bad input, files, LongHeads' flags."""
 
+import argparse
 import sys
-from typing import Callable
+from typing import Callable, Optional
+
+from .config import SELECTIONS, LongHeadsConfig
+from .generation import DEFAULT_MAX_CONTEXT, parse_context_length
 
 
 def exit_on_bad_input(command: Callable[[], None]) -> None:
@@ -25,3 +29,25 @@ def read_text(path: str) -> str:
         raise ValueError(f"no such file: {path}")
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8 text: convert it (iconv -t UTF-8)")
+
+
+def add_longheads_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of the context length and the LongHeads parameters (--kv-bits and
+    --kv-group-size are the host tool's: mlx-lm's tools have them too)."""
+    parser.add_argument("--max-context", type=parse_context_length, default=DEFAULT_MAX_CONTEXT, help="the longest prompt accepted: 32k, 128k, 131072, 1m (default 128k)")
+    parser.add_argument("--attention", choices=["longheads", "full"], default="longheads", help="'full' runs mlx-lm's stock attention for comparison")
+    parser.add_argument("--chunk-size", type=int, default=None)
+    parser.add_argument("--attention-length", type=int, default=None)
+    parser.add_argument("--selection", choices=list(SELECTIONS), default=LongHeadsConfig.selection)
+    parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
+    parser.add_argument("--full-attention-length", type=int, default=None, help="prompts up to this many tokens get stock attention (default: the trained length; the paper's rule: --attention-length)")
+
+
+def longheads_arguments(args: argparse.Namespace) -> Optional[LongHeadsConfig]:
+    """The configuration those flags ask for; None for --attention full."""
+    if args.attention != "longheads":
+        return None
+    return LongHeadsConfig(
+        args.chunk_size, args.attention_length, args.selection, args.prefill,
+        args.kv_bits, args.kv_group_size, args.full_attention_length,
+    )

@@ -14,17 +14,9 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-from .cli import exit_on_bad_input, read_text
-from .config import DEFAULT_KV_GROUP_SIZE, SELECTIONS, LongHeadsConfig
-from .generation import (
-    DEFAULT_MAX_CONTEXT,
-    LimitError,
-    PrefillProgress,
-    check_memory,
-    parse_context_length,
-    stream_generate,
-    truncate,
-)
+from .cli import add_longheads_arguments, exit_on_bad_input, longheads_arguments, read_text
+from .config import DEFAULT_KV_GROUP_SIZE
+from .generation import LimitError, PrefillProgress, check_memory, stream_generate, truncate
 from .load import load
 from .models import apply_longheads
 from .prompt_cache import load_prompt_cache, save_prompt_cache
@@ -48,14 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-group-size", type=int, default=None, help="elements per quantization group (default 64, or the head dim if smaller)")
     parser.add_argument("--prompt-cache-file", default=None, help="continue from this prompt cache if it exists; save the cache to it at the end")
     parser.add_argument("--verbose", action="store_true", help="print prompt and generation statistics")
-    parser.add_argument("--max-context", type=parse_context_length, default=DEFAULT_MAX_CONTEXT, help="the longest prompt accepted: 32k, 128k, 131072, 1m (default 128k)")
+    add_longheads_arguments(parser)
     parser.add_argument("--truncate", choices=["start", "middle", "end"], default=None, help="cut a prompt longer than --max-context instead of refusing it")
-    parser.add_argument("--attention", choices=["longheads", "full"], default="longheads", help="'full' runs mlx-lm's stock attention for comparison")
-    parser.add_argument("--chunk-size", type=int, default=None)
-    parser.add_argument("--attention-length", type=int, default=None)
-    parser.add_argument("--selection", choices=list(SELECTIONS), default=LongHeadsConfig.selection)
-    parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
-    parser.add_argument("--full-attention-length", type=int, default=None, help="prompts up to this many tokens get stock attention (default: the trained length; the paper's rule: --attention-length)")
     return parser
 
 
@@ -85,12 +71,7 @@ def encode_prompt(tokenizer: TokenizerWrapper, text: str, args) -> List[int]:
 def run(args) -> None:
     if args.seed is not None:
         mx.random.seed(args.seed)
-    config = None
-    if args.attention == "longheads":
-        config = LongHeadsConfig(
-            args.chunk_size, args.attention_length, args.selection, args.prefill,
-            args.kv_bits, args.kv_group_size, args.full_attention_length,
-        )
+    config = longheads_arguments(args)
     text = read_prompt(args)
     model, tokenizer = load(args.model, longheads=None)
     prompt = truncate(encode_prompt(tokenizer, text, args), args.max_context, args.truncate)

@@ -31,9 +31,19 @@ def load(
     from .resolve import resolve_model  # converters and hub access only when loading
 
     loaded, tokenizer = mlx_lm.load(str(resolve_model(model)))
-    if mx.default_device() == mx.cpu:
-        loaded.set_dtype(mx.float32)  # first: float16 scales would round the weights
-        dequantize_model(loaded)
-    if longheads is not None:
-        apply_longheads(loaded, longheads, max_size=max_context)
+    prepare(loaded, longheads, max_context)
     return loaded, tokenizer
+
+
+def prepare(
+    model: nn.Module, longheads: Optional[LongHeadsConfig], max_context: Optional[int] = None
+) -> Optional[LongHeadsConfig]:
+    """What `load` does to the model mlx-lm loaded (float32 on the CPU, LongHeads
+    attention), for tools that load through mlx-lm themselves (the server); returns the
+    resolved configuration (None: stock attention)."""
+    if mx.default_device() == mx.cpu:
+        model.set_dtype(mx.float32)  # first: float16 scales would round the weights
+        dequantize_model(model)
+    if longheads is None:
+        return None
+    return apply_longheads(model, longheads, max_size=max_context)

@@ -7,6 +7,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .cache import UNDO_CHUNKS
 from .config import LongHeadsConfig
 
 # Activations, gathered windows and allocator slack during prefill.
@@ -26,7 +27,8 @@ def kv_element_bytes(itemsize: int, longheads: Optional[LongHeadsConfig]) -> flo
 
 
 def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConfig]) -> int:
-    """Keys and values (plus LongHeads' representations and one chunk of queries)."""
+    """Keys and values (plus LongHeads' representations and 1 + UNDO_CHUNKS chunks of
+    queries)."""
     args = model.args
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
     head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
@@ -37,7 +39,7 @@ def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConf
     if longheads is not None:
         w = longheads.chunk_size
         per_token += heads * head_dim / w * itemsize
-        extra = heads * w * head_dim * itemsize
+        extra = (1 + UNDO_CHUNKS) * heads * w * head_dim * itemsize
     return int(len(model.layers) * (per_token * tokens + extra))
 
 

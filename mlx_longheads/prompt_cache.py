@@ -16,11 +16,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_lm_cache
 
-from .cache import LongHeadsCache
+from .cache import UNDO_CHUNKS, LongHeadsCache
 from .config import LongHeadsConfig
 
 # 2: the cache state carries kv_bits and kv_group_size (quantized K/V).
-FORMAT_VERSION = "2"
+# 3: and the raw queries of the last complete chunks (exact trim).
+FORMAT_VERSION = "3"
 REBUILD = "delete it and run the prompt again to rebuild it"
 
 
@@ -89,7 +90,6 @@ def load_prompt_cache(
     return cache
 
 
-
 def inconsistency(cache: List[Any], model: nn.Module) -> Optional[str]:
     """What makes a cache's arrays disagree with each other or with the model, if anything.
 
@@ -110,4 +110,7 @@ def inconsistency(cache: List[Any], model: nn.Module) -> Optional[str]:
             return f"{held} stored tokens for {c.offset} in chunks of {w}"
         if c.queries.shape[2] != w:
             return f"{c.queries.shape[2]} pending queries for chunks of {w}"
+        undo = 0 if c.undo_queries is None else c.undo_queries.shape[2]
+        if undo % w or undo > min(UNDO_CHUNKS, c.complete_chunks) * w:
+            return f"{undo} queries kept of complete chunks of {w}, {c.complete_chunks} complete"
     return None

@@ -4,7 +4,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
+from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache, trim_prompt_cache
 
 from conftest import tiny_model
 from mlx_longheads.cache import LongHeadsCache
@@ -38,14 +38,14 @@ def fill(model, n):
     return cache
 
 
-def test_memory_is_keys_values_representations_and_one_chunk_of_queries():
+def test_memory_is_keys_values_representations_and_three_chunks_of_queries():
     n = 203
     cache = fill(longheads_model(max_size=n)[0], n)[0]
     B, Hk, H, D, w = 1, 2, 4, 16, 8
     capacity = 208  # n rounded up to whole chunks
     kv = 2 * B * Hk * capacity * D * 4
     representations = B * H * (capacity // w) * D * 4
-    queries = B * H * w * D * 4
+    queries = 3 * B * H * w * D * 4  # the incomplete chunk's and the last 2 complete ones'
     assert cache.nbytes == kv + representations + queries
     assert cache.complete_chunks == 25 and cache.offset == n
 
@@ -100,7 +100,9 @@ def test_kv_bits_8_stores_a_quarter_of_float32_plus_scales_and_biases():
         assert cache_bytes(model, 208, resolved) == sum(c.nbytes for c in caches[config.kv_bits])
     float32, kv8 = caches[None][0], caches[8][0]
     assert kv8.bits == 8 and kv8.group_size == 32 and kv8.capacity == 208
-    representations_and_queries = float32.representations.nbytes + float32.queries.nbytes
+    representations_and_queries = sum(
+        a.nbytes for a in (float32.representations, float32.queries, float32.undo_queries)
+    )
     float_kv = float32.nbytes - representations_and_queries
     # 8 bits per element, plus a float32 scale and bias (64 bits) per group of 32.
     assert kv8.nbytes - representations_and_queries == float_kv * (8 + 64 / 32) / 32
@@ -174,3 +176,70 @@ def test_an_interrupted_prompt_cache_write_leaves_the_old_file(tmp_path, monkeyp
     with pytest.raises(KeyboardInterrupt):
         save_prompt_cache(str(path), fill(model, 80), model, CONFIG)
     assert load_prompt_cache(str(path), model, CONFIG)[0].offset == 40
+
+
+def log_probabilities(model, cache, tokens) -> np.ndarray:
+    logits = model(tokens[None], cache=cache)[0]
+    return np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+
+# (tokens fed first, tokens then trimmed): the cut lands in the incomplete chunk, in the
+# last complete chunk, in the one before it, and on a chunk boundary 5 chunks back.
+EXACT_CUTS = [(150, 1), (150, 5), (150, 12), (144, 40)]
+
+
+@pytest.mark.parametrize("kept, trimmed", EXACT_CUTS)
+def test_trimmed_tokens_are_undone_exactly(kept, trimmed):
+    """Feed A then B, trim B, feed C: the same log-probabilities for C as feeding A then
+    C (grouped prefill selects per call, so the reference makes the same calls)."""
+    model, _ = longheads_model()
+    a, b, c = prompt(kept), prompt(trimmed, seed=1), prompt(20, seed=2)
+    cache = model.make_cache()
+    model(a[None], cache=cache)
+    model(b[None], cache=cache)
+    assert cache[0].is_trimmable() and trim_prompt_cache(cache, trimmed) == trimmed
+    assert cache[0].offset == kept
+    reference = model.make_cache()
+    model(a[None], cache=reference)
+    np.testing.assert_allclose(
+        log_probabilities(model, cache, c), log_probabilities(model, reference, c), atol=1e-4
+    )
+    for layer, expected in zip(cache, reference):  # the cut chunk's representation too
+        n = expected.complete_chunks
+        np.testing.assert_allclose(
+            layer.representations[:, :, :n], expected.representations[:, :, :n], atol=1e-5
+        )
+
+
+def test_a_cut_in_an_older_chunk_goes_back_to_its_start_and_says_so():
+    """Chunk 18's raw queries are gone once chunks 19-21 complete: a cut at 150 (chunk 18,
+    token 6) cuts back to 144, and feeding tokens 144.. again gives what a call from 144
+    would have (chunk boundaries are clean: a group never spans two chunks)."""
+    model, _ = longheads_model()
+    a, b, c = prompt(150), prompt(30, seed=1), prompt(20, seed=2)
+    cache = model.make_cache()
+    model(a[None], cache=cache)
+    model(b[None], cache=cache)
+    assert trim_prompt_cache(cache, 30) == 36 and cache[0].offset == 144
+    again = mx.concatenate([a[144:], c])
+    reference = model.make_cache()
+    model(a[None, :144], cache=reference)
+    np.testing.assert_allclose(
+        log_probabilities(model, cache, again), log_probabilities(model, reference, again), atol=1e-4
+    )
+
+
+def test_trimming_keeps_the_saved_state_consistent(tmp_path):
+    from mlx_longheads.prompt_cache import inconsistency, load_prompt_cache, save_prompt_cache
+
+    model, _ = longheads_model()
+    cache = fill(model, 150)
+    for n, left in ((3, 147), (10, 137), (50, 80), (200, 0)):
+        trim_prompt_cache(cache, n)
+        assert cache[0].offset == left and inconsistency(cache, model) is None
+        reps = np.array(cache[0].representations)
+        assert np.all(reps[:, :, left // 8 :] == 0)  # none past the complete chunks
+        if left:
+            path = str(tmp_path / f"{left}.safetensors")
+            save_prompt_cache(path, cache, model, CONFIG)
+            assert load_prompt_cache(path, model, CONFIG)[0].offset == left

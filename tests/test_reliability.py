@@ -27,7 +27,7 @@ from gguf_files import byte_level_vocab, write_gguf
 from hf_files import VOCAB, write_hf_folder
 from leftovers import no_folder_left
 from mlx_longheads import prompt_cache
-from mlx_longheads.cache import MIN_GROWTH, LongHeadsCache
+from mlx_longheads.cache import MIN_GROWTH, UNDO_CHUNKS, LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.generation import LimitError, generate
 from mlx_longheads.gguf import convert_gguf
@@ -90,9 +90,10 @@ def assert_cache_holds(cache: List[LongHeadsCache], tokens: int) -> None:
             continue
         capacity = layer.keys.shape[2]
         # Linear in the capacity: keys and values per token, a representation per
-        # chunk, and one chunk of queries.
+        # chunk, and the queries of the incomplete chunk and of the last (at most
+        # UNDO_CHUNKS) complete ones.
         assert layer.nbytes == FLOAT32 * HEAD_DIM * (
-            capacity * 2 * Hk + capacity // w * H + w * H
+            capacity * 2 * Hk + capacity // w * H + (1 + min(UNDO_CHUNKS, complete)) * w * H
         )
         for buffer in (layer.keys, layer.values):
             assert np.isfinite(np.array(buffer[:, :, :tokens])).all()
@@ -181,6 +182,31 @@ def test_any_lengths_keep_the_cache_consistent_finite_and_linear(run):
     generate_checking(run)
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    w=st.sampled_from([2, 4, 8]),
+    steps=st.lists(st.tuples(st.integers(1, 40), st.integers(0, 60)), min_size=1, max_size=4),
+)
+def test_any_feeds_and_trims_keep_the_cache_consistent(w, steps):
+    """Feeding tokens then trimming some, again and again: a trim forgets what it was
+    asked (all, at most) or up to w - 1 more, and says how many; the cache stays
+    consistent (no representation past the complete chunks) and its logits finite."""
+    model = tiny_model("llama")
+    apply_longheads(model, LongHeadsConfig(w, 4 * w, full_attention_length=4 * w))
+    cache = model.make_cache()
+    for seed, (fed, cut) in enumerate(steps):
+        assert np.isfinite(np.array(model(random_tokens(fed, seed), cache=cache))).all()
+        before = cache[0].offset
+        trimmed = mlx_lm_cache.trim_prompt_cache(cache, cut)
+        asked = min(cut, before)
+        assert asked <= trimmed < asked + w and trimmed <= before
+        assert {c.offset for c in cache} == {before - trimmed}
+        assert prompt_cache.inconsistency(cache, model) is None
+        for layer in cache:
+            reps = np.array(layer.representations)
+            assert (reps[:, :, layer.complete_chunks :] == 0).all()
+
+
 @pytest.mark.parametrize("prompt", [9, 15, 16, 17, 24], ids=lambda n: f"prompt{n}")
 def test_prompts_of_w_plus_1_to_L_minus_w_tokens_generate_past_L(arch, prompt):
     """The reference crashed here: its representations were not kept up to date for
@@ -204,7 +230,8 @@ def test_crossing_the_threshold_with_prompts_around_L(max_size):
 )
 def test_buffers_grow_by_one_step_and_preallocation_keeps_nbytes_constant(w, max_size, sizes):
     """Appending any sizes: reallocation only when full, by one step (GrowthWatch);
-    while the tokens fit in max_size, nbytes never changes."""
+    while the tokens fit in max_size, nbytes changes only by the queries kept of the
+    first UNDO_CHUNKS complete chunks."""
     cache = GrowthWatch(w, max_size)
     first_nbytes = None
     for size in sizes:
@@ -212,9 +239,10 @@ def test_buffers_grow_by_one_step_and_preallocation_keeps_nbytes_constant(w, max
         completed = cache.append(*fresh)
         if completed is not None:
             cache.add_representations(mx.zeros((1, 2, completed[0].shape[2] // w, 1)))
-        first_nbytes = first_nbytes or cache.nbytes
+        kept = cache.undo_chunks * w * 2 * FLOAT32  # 2 heads, head dim 1
+        first_nbytes = first_nbytes or cache.nbytes - kept
         if max_size is not None and cache.offset <= max_size:
-            assert cache.nbytes == first_nbytes
+            assert cache.nbytes - kept == first_nbytes
 
 
 @settings(max_examples=10, deadline=None)
