@@ -39,6 +39,7 @@ class LongHeadsConfig:
       selection (one attention call per chunk); "exact" selects per token.
     kv_bits: store keys and values quantized to 4 or 8 bits (None: the model's float
       dtype), from the first token on; about a quarter (8 bits) of float32's K/V memory.
+      On SmolLM2 8 bits cost 0.3% perplexity, 4 bits 19% (README, "What kv_bits costs").
     kv_group_size: elements sharing one scale and bias, along the head dim; None: 64,
       or the head dim when it is smaller.
     """

@@ -28,7 +28,7 @@ from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
 
 from . import longheads
 from .cli import exit_on_bad_input
-from .config import SELECTIONS, LongHeadsConfig
+from .config import DEFAULT_KV_GROUP_SIZE, SELECTIONS, LongHeadsConfig
 from .eval_report import TASK_ORDER, results_path, write_report
 from .generation import format_context_length, parse_context_length, prefill_status, stream_generate
 from .load import load
@@ -41,7 +41,7 @@ SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
     "longheads[:L=..,w=..,sel=query_head|kv_head|pooled,prefill=grouped|exact,F=..,"
-    "score=raw|rotated,forced=first+prev|first|prev], full, window[:L=..], "
+    "score=raw|rotated,forced=first+prev|first|prev,kv=8|4,kvg=32|64|128], full, window[:L=..], "
     "or the presets baselines, ablation and designs"
 )
 
@@ -72,6 +72,10 @@ class Method:
             name += f",score={self.score}"
         if self.forced != DEFAULT_FORCED:
             name += f",forced={self.forced}"
+        if c.kv_bits is not None:  # quantized K/V; a name without kv= is float
+            name += f",kv={c.kv_bits}"
+            if c.kv_group_size != DEFAULT_KV_GROUP_SIZE:
+                name += f",kvg={c.kv_group_size}"
         return name
 
 
@@ -81,10 +85,14 @@ def whole_number(method: str, key: str, value: str) -> int:
     return int(value)
 
 
-def parse_method(text: str, flags: LongHeadsConfig, trained_length: int) -> Method:
-    """'longheads:L=2048,w=128' etc.; what a name leaves out comes from the flags."""
+def parse_method(
+    text: str, flags: LongHeadsConfig, trained_length: int, head_dim: Optional[int] = None
+) -> Method:
+    """'longheads:L=2048,w=128' etc.; what a name leaves out comes from the flags.
+    kv=8|4 stores keys and values quantized (kvg= their group size, default 64 or the
+    head dim)."""
     kind, _, rest = text.strip().partition(":")
-    allowed = {"full": (), "window": ("L",), "longheads": ("L", "w", "sel", "prefill", "F", "score", "forced")}
+    allowed = {"full": (), "window": ("L",), "longheads": ("L", "w", "sel", "prefill", "F", "score", "forced", "kv", "kvg")}
     if kind not in allowed:
         raise ValueError(f"unknown method {text!r}: use {METHOD_HELP}")
     options = {}
@@ -107,9 +115,15 @@ def parse_method(text: str, flags: LongHeadsConfig, trained_length: int) -> Meth
         config = replace(config, chunk_size=whole_number(text, "w", options["w"]))
     if "F" in options:
         config = replace(config, full_attention_length=whole_number(text, "F", options["F"]))
+    if "kv" in options:
+        config = replace(config, kv_bits=whole_number(text, "kv", options["kv"]))
+    if "kvg" in options:
+        if config.kv_bits is None:
+            raise ValueError(f"method {text!r}: kvg= (the K/V group size) needs kv=")
+        config = replace(config, kv_group_size=whole_number(text, "kvg", options["kvg"]))
     config = replace(
         config, selection=options.get("sel", config.selection), prefill=options.get("prefill", config.prefill)
-    ).resolve(trained_length)
+    ).resolve(trained_length, head_dim)
     score, forced = options.get("score", "raw"), options.get("forced", DEFAULT_FORCED)
     if score not in SCORES or forced not in FORCED:
         raise ValueError(f"method {text!r}: score is one of {SCORES}, forced one of {FORCED}")
@@ -144,13 +158,15 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
     }
 
 
-def parse_methods(text: str, flags: LongHeadsConfig, trained_length: int) -> List[Method]:
+def parse_methods(
+    text: str, flags: LongHeadsConfig, trained_length: int, head_dim: Optional[int] = None
+) -> List[Method]:
     names = []
     for part in split_methods(text):
         names += presets(trained_length).get(part, [part])
     methods = {}
     for name in names:
-        method = parse_method(name, flags, trained_length)
+        method = parse_method(name, flags, trained_length, head_dim)
         methods.setdefault(method.name, method)
     return list(methods.values())
 
@@ -512,7 +528,8 @@ def evaluate(args) -> None:
         args.chunk_size, args.attention_length, args.selection, args.prefill,
         full_attention_length=args.full_attention_length,
     )
-    methods = parse_methods(args.methods, flags, trained)
+    head_dim = getattr(stock.args, "head_dim", None) or stock.args.hidden_size // stock.args.num_attention_heads
+    methods = parse_methods(args.methods, flags, trained, head_dim)
     # Recorded, not part of a result's identity, so CPU (float32) and GPU (the model's
     # dtype) runs can be told apart.
     runs_on = dict(device=str(mx.default_device()), dtype=str(stock.model.embed_tokens(mx.array([[0]])).dtype))

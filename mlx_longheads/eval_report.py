@@ -31,6 +31,8 @@ NOTES = [
     "all of them (stock attention); a LongHeads name without `F=` has F = L, the paper's "
     "threshold. `sel=pooled`: half the retrieved slots hold the chunks the layer's heads "
     "attend to most together.",
+    "- `kv=8` / `kv=4`: keys and values stored quantized from the first token (kv_bits; "
+    "`kvg=` the group size, default 64); a name without `kv=` has float K/V.",
     "- Cells: mean (number of samples); `skipped`: full attention beyond --max-length-full.",
 ]
 

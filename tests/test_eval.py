@@ -110,6 +110,21 @@ def test_method_names_are_canonical():
             evaluation.parse_methods(bad, flags, trained)
 
 
+def test_quantized_kv_methods_are_named_apart_from_float():
+    flags, trained = LongHeadsConfig(), 8192
+    methods = evaluation.parse_methods("longheads,longheads:kv=8,longheads:kv=4,longheads:kv=4,kvg=32", flags, trained, 64)
+    float_name = "longheads:L=2048,w=256,sel=pooled,prefill=grouped,F=8192"
+    assert [m.name for m in methods] == [float_name, float_name + ",kv=8", float_name + ",kv=4", float_name + ",kv=4,kvg=32"]
+    assert [(m.config.kv_bits, m.config.kv_group_size) for m in methods] == [(None, None), (8, 64), (4, 64), (4, 32)]
+    # The default group spelled out is the same method; so are the files.
+    assert len(evaluation.parse_methods("longheads:kv=8,longheads:kv=8,kvg=64", flags, trained, 64)) == 1
+    paths = {results_path(Path("out"), "needle", m.name) for m in methods}
+    assert len(paths) == 4
+    for bad in ("longheads:kv=3", "longheads:kv=8,kvg=48", "longheads:kvg=32", "full:kv=8", "longheads:kv=eight"):
+        with pytest.raises(ValueError):
+            evaluation.parse_methods(bad, flags, trained, 64)
+
+
 @pytest.mark.parametrize("score, forced", [("rotated", "first+prev"), ("raw", "first"), ("raw", "prev")])
 def test_selection_ablations_keep_the_window_valid(score, forced):
     config = LongHeadsConfig(16, 64, "query_head", full_attention_length=64)
@@ -147,7 +162,8 @@ def fake_run_sample(task, model, tokenizer, method, n, index, seed, progress, pr
 def fake_model(monkeypatch):
     embed_tokens = lambda tokens: tokens.astype(mx.float32)  # noqa: E731
     stock = SimpleNamespace(
-        args=SimpleNamespace(max_position_embeddings=8192), model=SimpleNamespace(embed_tokens=embed_tokens)
+        args=SimpleNamespace(max_position_embeddings=8192, hidden_size=576, num_attention_heads=9),
+        model=SimpleNamespace(embed_tokens=embed_tokens),
     )
     monkeypatch.setattr(evaluation, "load", lambda *a, **k: (stock, None))
     monkeypatch.setattr(evaluation, "run_sample", fake_run_sample)
@@ -173,6 +189,23 @@ def test_a_rerun_keeps_finished_samples(tmp_path, fake_model):
     assert len(window) == 6 and all('"score": 1.0' in line for line in window)
     with pytest.raises(SystemExit):
         evaluation.main(common + ["--samples", "3", "--seed", "1"])  # would mix two seeds
+
+
+def test_quantized_kv_runs_write_their_own_results(tmp_path, fake_model, monkeypatch):
+    loaded = []
+    stock = evaluation.load(None)
+
+    def load(name, longheads=None):
+        loaded.append(longheads)
+        return stock
+
+    monkeypatch.setattr(evaluation, "load", load)
+    evaluation.main(["passkey", "--lengths", "1k", "--samples", "1", "--methods", "longheads,longheads:kv=4,kvg=32",
+                     "--output", str(tmp_path)])
+    assert [(c.kv_bits, c.kv_group_size) for c in loaded if c is not None] == [(None, None), (4, 32)]
+    name = "longheads:L=2048,w=256,sel=pooled,prefill=grouped,F=8192"
+    for method in (name, name + ",kv=4,kvg=32"):
+        assert json.loads(results_path(tmp_path, "passkey", method).read_text())["method"] == method
 
 
 def test_first_sample_runs_a_later_share_of_the_samples(tmp_path, fake_model):
