@@ -87,3 +87,9 @@ $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods lon
 $python -m mlx_longheads.eval needle --lengths 32k --samples 1 --first-sample 1 --methods longheads:sel=pooled --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 32k --samples 1 --methods longheads:sel=pooled --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# 2026-11-30, eighth session (issue 17): multikey at 16k with the default (pooled, F = 8192),
+# as processes side by side into /tmp folders (samples 0-4, 5-7, 8-9), and the pass key at
+# 64k (samples 0, 1, 2: one process each), then merged with scripts/merge_eval_results.py:
+$python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods longheads:sel=pooled --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 64k --samples 3 --methods longheads:sel=pooled --output results/eval
+$python -m mlx_longheads.eval report --output results/eval

@@ -28,19 +28,17 @@ import argparse
 import math
 import sys
 import time
-from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
+import mlx_longheads  # noqa: F401  (loads OpenBLAS before MLX on Linux)
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mlx_longheads.config import DEFAULT_KV_GROUP_SIZE, LongHeadsConfig  # noqa: E402
-from mlx_longheads.eval import PREFILL_STEP, position_buckets  # noqa: E402
-from mlx_longheads.generation import format_context_length, parse_context_length  # noqa: E402
-from mlx_longheads.load import load  # noqa: E402
-from mlx_longheads.tasks import make_sample, perplexity_text  # noqa: E402
+from mlx_longheads.config import DEFAULT_KV_GROUP_SIZE, LongHeadsConfig
+from mlx_longheads.eval import PREFILL_STEP, position_buckets
+from mlx_longheads.generation import format_context_length, parse_context_length
+from mlx_longheads.load import load
+from mlx_longheads.tasks import make_sample, perplexity_text
 
 Setting = Optional[Tuple[int, int, bool]]  # (bits, group size, keys per channel); None: float
 
