@@ -87,11 +87,16 @@ def answer(model, tokenizer, prompt, tail: int, max_tokens: int, chunk: Optional
         for step in [rest] if forced else [[token] for token in rest]:
             logits = model(mx.array([step]), cache=cache)
             mx.eval(logits)
-        tokens = []
-        for _ in range(max_tokens):
-            tokens.append(logits[0, -1].argmax().item())
-            logits = model(mx.array([tokens[-1:]]), cache=cache)
-    return tokenizer.decode(tokens)
+        return tokenizer.decode(greedy(model, logits, cache, max_tokens))
+
+
+def greedy(model, logits: mx.array, cache, max_tokens: int) -> List[int]:
+    """The greedy answer's tokens after the prompt's last `logits`."""
+    tokens = []
+    for _ in range(max_tokens):
+        tokens.append(logits[0, -1].argmax().item())
+        logits = model(mx.array([tokens[-1:]]), cache=cache)
+    return tokens
 
 
 def main() -> None:

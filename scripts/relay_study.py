@@ -39,7 +39,7 @@ import mlx_longheads.models as models
 from mlx_longheads import load
 from mlx_longheads.eval import prefilled, selection_replaced
 from mlx_longheads.tasks import make_sample
-from needle_oracle import write_report  # scripts/ is on the path when run
+from needle_oracle import greedy, write_report  # scripts/ is on the path when run
 
 
 class Layers:
@@ -135,11 +135,7 @@ def answer(model, tokenizer, prefix_path: Path, rest: List[int], max_tokens: int
     with selection_replaced(rule, "select_chunks_pooled"):
         model(mx.array([rest[:-1]]), cache=cache)
         logits = model(mx.array([rest[-1:]]), cache=cache)
-        tokens = []
-        for _ in range(max_tokens):
-            tokens.append(logits[0, -1].argmax().item())
-            logits = model(mx.array([tokens[-1:]]), cache=cache)
-    return tokenizer.decode(tokens)
+        return tokenizer.decode(greedy(model, logits, cache, max_tokens))
 
 
 def main() -> None:
