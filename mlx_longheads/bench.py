@@ -44,7 +44,7 @@ from .config import LongHeadsConfig
 from .generation import format_context_length, parse_context_length
 from .longheads import longheads_attention
 from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
-from .models import apply_longheads, longheads_config, make_cache
+from .models import apply_longheads, head_dim, longheads_config, make_cache
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads": LongHeadsConfig(),  # the default: the pooled selection
@@ -125,7 +125,7 @@ def model_shapes(model: nn.Module) -> dict:
         layers=len(model.layers),
         heads=heads,
         kv_heads=kv_heads,
-        head_dim=getattr(args, "head_dim", None) or args.hidden_size // heads,
+        head_dim=head_dim(args),
         dtype=str(model.layers[0].input_layernorm.weight.dtype),
         trained_length=args.max_position_embeddings,
     )

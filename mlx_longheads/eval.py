@@ -32,6 +32,7 @@ from .config import DEFAULT_KV_GROUP_SIZE, SELECTIONS, LongHeadsConfig
 from .eval_report import TASK_ORDER, results_path, write_report
 from .generation import format_context_length, parse_context_length, prefill_status, stream_generate
 from .load import load
+from .models import head_dim
 from .tasks import make_sample, perplexity_text
 
 PREFILL_STEP = 2048  # mlx-lm's prefill step; perplexity calls the model in these blocks
@@ -528,8 +529,7 @@ def evaluate(args) -> None:
         args.chunk_size, args.attention_length, args.selection, args.prefill,
         full_attention_length=args.full_attention_length,
     )
-    head_dim = getattr(stock.args, "head_dim", None) or stock.args.hidden_size // stock.args.num_attention_heads
-    methods = parse_methods(args.methods, flags, trained, head_dim)
+    methods = parse_methods(args.methods, flags, trained, head_dim(stock.args))
     # Recorded, not part of a result's identity, so CPU (float32) and GPU (the model's
     # dtype) runs can be told apart.
     runs_on = dict(device=str(mx.default_device()), dtype=str(stock.model.embed_tokens(mx.array([[0]])).dtype))

@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten
 
 from .cache import UNDO_CHUNKS
 from .config import LongHeadsConfig
+from .models import head_dim as model_head_dim
 
 # Activations, gathered windows and allocator slack during prefill.
 WORKSPACE_BYTES = 1 << 30
@@ -31,7 +32,7 @@ def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConf
     queries)."""
     args = model.args
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
-    head_dim = getattr(args, "head_dim", None) or args.hidden_size // heads
+    head_dim = model_head_dim(args)
     # The cache holds activations, whose dtype the norms' weights share.
     itemsize = model.layers[0].input_layernorm.weight.itemsize
     per_token = 2 * kv_heads * head_dim * kv_element_bytes(itemsize, longheads)

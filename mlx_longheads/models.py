@@ -79,6 +79,11 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
+def head_dim(args: Any) -> int:
+    """A model's attention head dim from its args: set, or hidden size / heads."""
+    return getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+
+
 def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongHeadsCache:
     """One layer's cache for a resolved configuration."""
     return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
