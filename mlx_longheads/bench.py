@@ -251,7 +251,7 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
     groups = -(-tokens // w)
     window = 2 * selecting * k * w * D * kv_item * groups
     representations = H * (context // w) * D * item
-    pooled = Hk * context * D * kv_item * groups if config.selection == "pooled" else 0
+    pooled = Hk * context * D * kv_item * groups if config.pools else 0
     return window + representations + pooled + written + H * tokens * D * item  # + queries kept
 
 

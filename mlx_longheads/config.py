@@ -3,8 +3,8 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["query_head", "kv_head", "pooled"]
-SELECTIONS = ("query_head", "kv_head", "pooled")
+Selection = Literal["query_head", "kv_head", "pooled", "peak"]
+SELECTIONS = ("query_head", "kv_head", "pooled", "peak")
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
@@ -34,7 +34,9 @@ class LongHeadsConfig:
       it finds a sentence in natural text past the trained length where the paper's
       rule does not (README, "Questions about real text"); "query_head" picks chunks
       per query head (the paper's rule); "kv_head" sums the scores of a GQA group and
-      picks once per KV head.
+      picks once per KV head; "peak" is "pooled" with every layer's shared slots
+      following the most peaked pooled attention of the layers so far in the forward
+      call (`longheads.PeakRelay`).
     prefill: "grouped" lets the queries of one chunk within one forward call share a
       selection (one attention call per chunk); "exact" selects per token.
     kv_bits: store keys and values quantized to 4 or 8 bits (None: the model's float
@@ -56,6 +58,12 @@ class LongHeadsConfig:
     def num_chunks(self) -> int:
         """k: chunks one head attends to (first + k-3 retrieved + previous + own)."""
         return self.attention_length // self.chunk_size
+
+    @property
+    def pools(self) -> bool:
+        """Whether the selection needs each layer's pooled attention (every key once per
+        group of queries)."""
+        return self.selection in ("pooled", "peak")
 
     @property
     def full_chunks(self) -> int:

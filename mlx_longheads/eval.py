@@ -41,7 +41,7 @@ DEFAULT_FORCED = "first+prev"
 SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
-    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled,prefill=grouped|exact,F=..,"
+    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak,prefill=grouped|exact,F=..,"
     "score=raw|rotated,forced=first+prev|first|prev,kv=8|4,kvg=32|64|128], full, window[:L=..], "
     "or the presets baselines, ablation and designs"
 )
@@ -128,7 +128,7 @@ def parse_method(
     score, forced = options.get("score", "raw"), options.get("forced", DEFAULT_FORCED)
     if score not in SCORES or forced not in FORCED:
         raise ValueError(f"method {text!r}: score is one of {SCORES}, forced one of {FORCED}")
-    if config.selection == "pooled" and (score, forced) != ("raw", DEFAULT_FORCED):
+    if config.pools and (score, forced) != ("raw", DEFAULT_FORCED):
         raise ValueError(f"method {text!r}: the score and forced ablations apply to sel=query_head or kv_head only")
     return Method("longheads", config, score=score, forced=forced)
 

@@ -25,7 +25,8 @@ w chunk size, G query groups (queries that share one selection), g queries per g
 """
 
 import math
-from typing import Callable, List, Optional
+from functools import partial
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -192,6 +193,35 @@ def select_chunks_pooled(
     return window_of(top, own)
 
 
+class PeakRelay:
+    """What the "peak" selection carries from layer to layer within one forward call.
+
+    A sentence planted in natural text takes a large share of one or two middle layers'
+    pooled attention (0.13-0.31 on its chunk against 0.02-0.1 at the other layers, in
+    the needle prompts of results/relay_needle_16k.md) and little of the rest's. With
+    "peak", each layer's shared slots follow the pooled attention of the most peaked
+    layer so far (the largest share of its candidates' mass on one chunk, its own
+    included; ties go to the later layer), group by group. mlx-lm runs the layers in
+    order, once each per forward call, and layer 0 starts afresh: nothing passes from
+    one call to the next, so decoding a token equals its exact prefill.
+    """
+
+    def __init__(self):
+        self.best: Dict[int, Tuple[mx.array, mx.array]] = {}  # block -> (pooled, share)
+
+    def most_peaked(self, layer: int, block: int, pooled: mx.array) -> mx.array:
+        """`layer`'s pooled attention [B, G, C] for the groups of `block` (its first
+        group's index in the call) -> the most peaked layer's so far, per group."""
+        share = pooled.max(axis=-1) / pooled.sum(axis=-1)
+        if layer > 0:
+            best, best_share = self.best[block]
+            own = share >= best_share
+            pooled = mx.where(own[..., None], pooled, best)
+            share = mx.where(own, share, best_share)
+        self.best[block] = (pooled, share)
+        return pooled
+
+
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
     """Row of each slot's chunk in a cache buffer viewed as [B * Hk * n_chunks, w, D].
 
@@ -240,6 +270,7 @@ def window_slots(
     config: LongHeadsConfig,
     rope: RoPE,
     scale: float,
+    relay: Optional[Callable[[mx.array], mx.array]] = None,
 ) -> mx.array:
     """The chunk in each window slot, [B, Hs, G, n]; the last slot is the group's own chunk.
 
@@ -248,6 +279,8 @@ def window_slots(
     true positions, so n = max(own) + 1 slots hold chunks 0..n-2 and the own chunk
     (slots a group may not see are masked by attend_groups): short contexts cost what
     ordinary attention costs. newest: where each group's newest query sits in it.
+    relay (selection "peak" only): the layer's pooled attention -> the one its shared
+    slots follow (`PeakRelay`).
     """
     B, H, G = queries.shape[:3]
     n_kv_heads = cache.kv_heads
@@ -261,10 +294,12 @@ def window_slots(
     query_sums = queries.astype(mx.float32).sum(axis=3)
     C = cache.complete_chunks
     representations = cache.representations[:, :, :C]
-    if config.selection == "pooled":
+    if config.pools:
         index = mx.array(newest)[None, None, :, None, None]
         newest_queries = mx.take_along_axis(queries, index, axis=3)[:, :, :, 0]
         pooled = pooled_attention(newest_queries, cache, mx.array(own), rope, scale)
+        if config.selection == "peak":
+            pooled = relay(pooled)
         return select_chunks_pooled(query_sums, representations, pooled, mx.array(own), config.num_chunks)
     return select_chunks(
         query_sums,
@@ -284,6 +319,7 @@ def attend_groups(
     rope: RoPE,
     scale: float,
     config: LongHeadsConfig,
+    relay: Optional[Callable[[mx.array], mx.array]] = None,
 ) -> mx.array:
     """Attention for G groups of g consecutive queries, each group sharing its window.
 
@@ -300,7 +336,7 @@ def attend_groups(
     """
     B, H, G, g, D = queries.shape
     w = config.chunk_size
-    slots = window_slots(queries, own, newest, cache, config, rope, scale)
+    slots = window_slots(queries, own, newest, cache, config, rope, scale, relay)
     slots = slots.transpose(0, 2, 3, 1)  # [B, G, n, Hs]
     n, Hs = slots.shape[2], slots.shape[3]
     R = H // Hs  # query heads sharing one window
@@ -358,12 +394,16 @@ def longheads_attention(
     rope: RoPE,
     scale: float,
     config: LongHeadsConfig,
+    relay: Optional[Callable[[int, mx.array], mx.array]] = None,
 ) -> mx.array:
     """One layer's attention for T new tokens, updating the cache.
 
     queries [B, H, T, D], keys and values [B, Hk, T, D], all before RoPE.
-    Returns [B, H, T, Dv].
+    relay: with selection "peak", `PeakRelay.most_peaked` bound to this layer (the
+    link to the model's other layers). Returns [B, H, T, Dv].
     """
+    if config.selection == "peak" and relay is None:
+        raise ValueError("the peak selection links a model's layers: apply it with apply_longheads")
     B, H, T, D = queries.shape
     w = config.chunk_size
     start = cache.offset
@@ -415,6 +455,7 @@ def longheads_attention(
                 rope,
                 scale,
                 config,
+                None if relay is None else partial(relay, i),
             )
             for i in range(first, last, block)
         ]

@@ -5,21 +5,29 @@ projections, norms and RoPE (so quantized weights and parameter names are unchan
 and attends with `longheads_attention` over a `LongHeadsCache`.
 """
 
-from typing import Any, Optional
+from functools import partial
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
-from .longheads import longheads_attention
+from .longheads import PeakRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 class LongHeadsAttention(nn.Module):
-    def __init__(self, attention: nn.Module, config: LongHeadsConfig):
+    def __init__(
+        self,
+        attention: nn.Module,
+        config: LongHeadsConfig,
+        relay: Optional[Callable[[int, mx.array], mx.array]] = None,
+    ):
+        """relay: the "peak" selection's link to the model's other layers (this layer's
+        `PeakRelay.most_peaked`); None for the other selections."""
         super().__init__()
         self.n_heads = attention.n_heads
         self.n_kv_heads = attention.n_kv_heads
@@ -33,6 +41,7 @@ class LongHeadsAttention(nn.Module):
             self.k_norm = attention.k_norm
         self.rope = attention.rope
         self.config = config
+        self.relay = relay
 
     def __call__(
         self, x: mx.array, mask: Any = None, cache: Optional[LongHeadsCache] = None
@@ -53,6 +62,7 @@ class LongHeadsAttention(nn.Module):
             self.rope,
             self.scale,
             self.config,
+            self.relay,
         )
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
@@ -102,8 +112,10 @@ def apply_longheads(
     check_supported(model)
     head_dim = model.layers[0].self_attn.k_proj.weight.shape[0] // model.args.num_key_value_heads
     config = (config or LongHeadsConfig()).resolve(model.args.max_position_embeddings, head_dim)
-    for layer in model.layers:
-        layer.self_attn = LongHeadsAttention(layer.self_attn, config)
+    relay = PeakRelay() if config.selection == "peak" else None
+    for index, layer in enumerate(model.layers):
+        link = None if relay is None else partial(relay.most_peaked, index)
+        layer.self_attn = LongHeadsAttention(layer.self_attn, config, link)
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
     model.make_cache = lambda: [make_cache(config, max_size) for _ in model.layers]
     return config

@@ -27,12 +27,15 @@ def representation(q, k, v, scale, base):
     return softmax(pooled @ kt.T * scale) @ kt
 
 
-def longheads(q, k, v, w, L, scale, base, group_of=None, per_kv_head=False, F=None, pooled=False):
+def longheads(
+    q, k, v, w, L, scale, base, group_of=None, per_kv_head=False, F=None, pooled=False, mass=None
+):
     """Outputs [H, N, D] for queries q [H, N, D] and keys, values [Hk, N, D].
 
     F: the full attention length, below which a query attends to all tokens up to it
     (None: L, the paper's threshold). pooled: the first ceil((k-3)/2) retrieved chunks
-    of every head are the layer's (`pooled_chunks`), the rest each head's own.
+    of every head are the top of the layer's `pooled_mass` for the group's newest query,
+    or of mass(newest) where given; the rest each head's own.
     group_of[t]: queries with the same value share one selection, scored by the sum
     of their scores (None: each token selects alone). per_kv_head: the scores of the
     query heads of a KV head are summed and the KV head selects once.
@@ -65,8 +68,9 @@ def longheads(q, k, v, w, L, scale, base, group_of=None, per_kv_head=False, F=No
         members = np.flatnonzero(group_of == group_of[t])
         shared = []
         if pooled and own >= full_chunks:
-            newest = q[:, members.max()]
-            shared = pooled_chunks(newest, k, own, w, -(-retrieved // 2), scale, base)
+            newest = members.max()
+            total = mass(newest) if mass else pooled_mass(q[:, newest], k, own, w, scale, base)
+            shared = [int(c) for c in 1 + np.argsort(-total, kind="stable")[: -(-retrieved // 2)]]
         for h in range(H):
             kv = h // rep_heads
             if own < full_chunks:
@@ -95,10 +99,9 @@ def selected_chunks(q, reps, t, w, L):
     return [0, *sorted(top), own - 1]
 
 
-def pooled_chunks(q_newest, k, own, w, count, scale, base):
-    """The `count` chunks of 1..own-2 a layer picks together: the attention mass each
-    gets from every query head's R(q, w) over all their keys (rotated in their chunk),
-    summed over the heads."""
+def pooled_mass(q_newest, k, own, w, scale, base):
+    """[own-2]: the attention each chunk of 1..own-2 gets from every query head's R(q, w)
+    over all their keys (rotated in their chunk), summed over the heads."""
     H, D = q_newest.shape
     Hk = k.shape[0]
     index = np.arange(w, (own - 1) * w)
@@ -107,4 +110,26 @@ def pooled_chunks(q_newest, k, own, w, count, scale, base):
         query = rope(q_newest[h], w, base)
         keys = rope(k[h // (H // Hk), index], index % w, base)
         total += softmax(keys @ query * scale).reshape(own - 2, w).sum(axis=1)
-    return [int(c) for c in 1 + np.argsort(-total, kind="stable")[:count]]
+    return total
+
+
+def peak_layers(layers, w, L, scale, base, group_of=None):
+    """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under the "peak"
+    selection: a group's shared chunks at layer l are the top of the pooled mass of the
+    most peaked layer among 0..l (largest max / sum; the later layer on a tie). Also
+    returns the smallest gap between two shares compared (how far from a tie)."""
+    masses, gaps = [], [np.inf]
+
+    def most_peaked(newest, upto):
+        totals = [m(newest) for m in masses[: upto + 1]]
+        shares = [t.max() / t.sum() for t in totals]
+        best = max(range(len(shares)), key=lambda i: (shares[i], i))
+        gaps.extend(abs(shares[best] - s) for i, s in enumerate(shares) if i != best)
+        return totals[best]
+
+    outputs = []
+    for layer, (q, k, v) in enumerate(layers):
+        masses.append(lambda newest, q=q, k=k: pooled_mass(q[:, newest], k, newest // w, w, scale, base))
+        mass = lambda newest, layer=layer: most_peaked(newest, layer)  # noqa: E731
+        outputs.append(longheads(q, k, v, w, L, scale, base, group_of=group_of, pooled=True, mass=mass))
+    return outputs, min(gaps)

@@ -1,5 +1,7 @@
 """The attention rule against a naive numpy implementation of the design note."""
 
+from functools import partial
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from mlx_longheads import longheads
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.longheads import (
+    PeakRelay,
     chunk_representations,
     longheads_attention,
     rotate_in_chunks,
@@ -185,6 +188,84 @@ def test_pooled_selection_shares_the_layers_chunks_and_keeps_each_heads_own(L, p
     expected = reference.longheads(q, k, v, w, L, SCALE, BASE, group_of=group_of, pooled=True)
     out, _ = run(q, k, v, config, steps)
     np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+def run_layers(layers, config, steps):
+    """Several layers' longheads_attention over the tokens in calls of the given sizes,
+    each call going through the layers in order as a model's forward call does (with
+    selection "peak", linked by one PeakRelay)."""
+    relay = PeakRelay()
+    caches = [make_cache(config) for _ in layers]
+    rope = nn.RoPE(D, base=BASE)
+    outputs, start = [[] for _ in layers], 0
+    for size in steps:
+        for index, (q, k, v) in enumerate(layers):
+            sl = slice(start, start + size)
+            out = longheads_attention(
+                *(mx.array(a[None, :, sl]) for a in (q, k, v)),
+                caches[index], rope, SCALE, config,
+                partial(relay.most_peaked, index) if config.selection == "peak" else None,
+            )
+            outputs[index].append(out)
+        start += size
+    return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs]
+
+
+@pytest.mark.parametrize("L", [32, 56])
+@pytest.mark.parametrize(
+    "prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40)]
+)
+def test_peak_selection_follows_the_most_peaked_layer_so_far(L, prefill, steps):
+    """selection="peak" over three layers: each group's shared chunks come from the
+    pooled attention of the most peaked of the layers up to this one (the numpy rule),
+    the same whether a prompt is prefilled or decoded token by token."""
+    w, n = 8, 120
+    config = LongHeadsConfig(w, L, selection="peak", prefill=prefill)
+    layers = [random_qkv(n, seed=20 + layer) for layer in range(3)]
+    ends = np.cumsum(steps)
+    call_of = np.searchsorted(ends, np.arange(n), side="right")
+    group_of = None if prefill == "exact" else call_of * 1000 + np.arange(n) // w
+    expected, gap = reference.peak_layers(layers, w, L, SCALE, BASE, group_of=group_of)
+    assert gap > 1e-4  # no near-tie of two layers' shares for rounding to decide
+    for out, want in zip(run_layers(layers, config, steps), expected):
+        np.testing.assert_allclose(out, want, atol=2e-5)
+
+
+def test_the_peak_selection_needs_the_models_other_layers():
+    q, k, v = (mx.array(a[None]) for a in random_qkv(8))
+    config = LongHeadsConfig(8, 32, selection="peak")
+    with pytest.raises(ValueError, match="apply it with apply_longheads"):
+        longheads_attention(q, k, v, make_cache(config), nn.RoPE(D, base=BASE), SCALE, config)
+
+
+def test_a_flat_layer_takes_the_shared_chunk_of_a_peaked_one_before_it(monkeypatch):
+    """Layer 0's last query matches one chunk's keys; layer 1's attention is nearly
+    uniform and its own pooled attention ranks another chunk first. With "peak" every
+    head of both layers attends to layer 0's chunk at the last token."""
+    w, L, n, needle = 8, 32, 96, 5
+    q0, k0, v0 = random_qkv(n, seed=30)
+    k0[:, needle * w : (needle + 1) * w] = 0
+    k0[:, needle * w : (needle + 1) * w, 0] = 8  # every key of the needle's chunk along dim 0 ...
+    q0[:, n - 1] = 0
+    q0[:, n - 1, 0] = 8  # ... and so is the last query
+    q1, k1, v1 = random_qkv(n, seed=31)
+    q1 *= 0.01
+    own_mass = reference.pooled_mass(q1[:, n - 1], k1, (n - 1) // w, w, SCALE, BASE)
+    assert 1 + np.argmax(own_mass) != needle
+    peaked = reference.pooled_mass(q0[:, n - 1], k0, (n - 1) // w, w, SCALE, BASE)
+    assert peaked.max() / peaked.sum() > 2 * own_mass.max() / own_mass.sum()
+
+    slots, select = [], longheads.select_chunks_pooled
+
+    def recording(*args):
+        chosen = select(*args)
+        slots.append(np.array(chosen))
+        return chosen
+
+    monkeypatch.setattr(longheads, "select_chunks_pooled", recording)
+    run_layers([(q0, k0, v0), (q1, k1, v1)], LongHeadsConfig(w, L, selection="peak"), [n - 1, 1])
+    for layer_slots in slots[-2:]:  # layers 0 and 1 at the last token
+        assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
 
 
 @settings(max_examples=60, deadline=None)
