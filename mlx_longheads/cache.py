@@ -13,7 +13,7 @@ whole chunks, by at least 2048 tokens and an eighth of their size, so appending 
 amortised O(1) per token and the spare room of a large cache stays under about 12.5%.
 """
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten, tree_map
@@ -254,11 +254,14 @@ class LongHeadsCache(_BaseCache):
         )
 
     @property
-    def nbytes(self) -> int:
-        if self.keys is None:
-            return 0
+    def buffers(self) -> List[mx.array]:
+        """Every array the cache holds (each quantized buffer's parts separately)."""
         arrays = (self.keys, self.values, self.representations, self.queries, self.undo_queries)
-        return sum(a.nbytes for _, a in tree_flatten(arrays) if a is not None)
+        return [a for _, a in tree_flatten(arrays) if a is not None]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.buffers)
 
 
 # mlx-lm's load_prompt_cache looks cache classes up by name in its own module.

@@ -460,4 +460,9 @@ def longheads_attention(
             for i in range(first, last, block)
         ]
     out = mx.concatenate(outputs, axis=2).reshape(B, H, G * g, -1)
-    return out if G * g == T else out[:, :, skip : skip + T]
+    out = out if G * g == T else out[:, :, skip : skip + T]
+    # The pending queries, the kept ones and the representations are written each call
+    # but read only when a chunk completes, or past F: made a dependency of the output,
+    # they are evaluated with it, instead of each decode step's writes chaining on the
+    # unevaluated last ones (one query per head and layer held per token, without end).
+    return mx.depends(out, cache.buffers)
