@@ -93,3 +93,13 @@ $python -m mlx_longheads.eval report --output results/eval
 $python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods longheads:sel=pooled --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 64k --samples 3 --methods longheads:sel=pooled --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# 2026-11-30, ninth session (issue 17): the "peak" selection (each layer's shared slots follow
+# the most peaked pooled attention of the layers so far in the forward call), F = 8192, on
+# the needle grid at 16k, multikey at 16k (the default's misses first), perplexity and one pass
+# key at 16k, one sample per
+# process in /tmp folders (--first-sample N --samples 1), merged with scripts/merge_eval_results.py:
+$python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:sel=peak --output results/eval
+$python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods longheads:sel=peak --output results/eval
+$python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:sel=peak --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 16k --samples 1 --methods longheads:sel=peak --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
