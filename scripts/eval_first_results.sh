@@ -103,3 +103,6 @@ $python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods long
 $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:sel=peak --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 16k --samples 1 --methods longheads:sel=peak --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# and quantized K/V at 8k (issue 18; stopped after its first record: kv=8 sample 0):
+$python -m mlx_longheads.eval passkey --lengths 8k --samples 2 --methods longheads:kv=8,longheads:kv=4 --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
