@@ -110,8 +110,9 @@ def apply_longheads(
     context), so long runs never reallocate.
     """
     check_supported(model)
-    head_dim = model.layers[0].self_attn.k_proj.weight.shape[0] // model.args.num_key_value_heads
-    config = (config or LongHeadsConfig()).resolve(model.args.max_position_embeddings, head_dim)
+    config = (config or LongHeadsConfig()).resolve(
+        model.args.max_position_embeddings, head_dim(model.args)
+    )
     relay = PeakRelay() if config.selection == "peak" else None
     for index, layer in enumerate(model.layers):
         link = None if relay is None else partial(relay.most_peaked, index)

@@ -35,26 +35,32 @@ def random_qkv(n: int, seed: int = 0, d: int = D):
     return q, k, v
 
 
-def run(q, k, v, config, steps, scale=SCALE):
-    """longheads_attention over the tokens in calls of the given sizes."""
-    cache = make_cache(config)
-    rope = nn.RoPE(q.shape[-1], base=BASE)
-    outputs, start = [], 0
+def run_layers(layers, config, steps, scale=SCALE):
+    """Several layers' longheads_attention ((q, k, v) each) over the tokens in calls of
+    the given sizes, each call going through the layers in order as a model's forward
+    call does (with selection "peak", linked by one PeakRelay). Returns each layer's
+    outputs and cache."""
+    relay = PeakRelay()
+    caches = [make_cache(config) for _ in layers]
+    rope = nn.RoPE(layers[0][0].shape[-1], base=BASE)
+    outputs, start = [[] for _ in layers], 0
     for size in steps:
         sl = slice(start, start + size)
-        outputs.append(
-            longheads_attention(
-                mx.array(q[None, :, sl]),
-                mx.array(k[None, :, sl]),
-                mx.array(v[None, :, sl]),
-                cache,
-                rope,
-                scale,
-                config,
+        for index, (q, k, v) in enumerate(layers):
+            out = longheads_attention(
+                *(mx.array(a[None, :, sl]) for a in (q, k, v)),
+                caches[index], rope, scale, config,
+                partial(relay.most_peaked, index) if config.selection == "peak" else None,
             )
-        )
+            outputs[index].append(out)
         start += size
-    return np.array(mx.concatenate(outputs, axis=2)[0]), cache
+    return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs], caches
+
+
+def run(q, k, v, config, steps, scale=SCALE):
+    """One layer's longheads_attention over the tokens in calls of the given sizes."""
+    (out,), (cache,) = run_layers([(q, k, v)], config, steps, scale)
+    return out, cache
 
 
 def test_chunk_representations_match_the_formula():
@@ -190,27 +196,6 @@ def test_pooled_selection_shares_the_layers_chunks_and_keeps_each_heads_own(L, p
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
-def run_layers(layers, config, steps):
-    """Several layers' longheads_attention over the tokens in calls of the given sizes,
-    each call going through the layers in order as a model's forward call does (with
-    selection "peak", linked by one PeakRelay)."""
-    relay = PeakRelay()
-    caches = [make_cache(config) for _ in layers]
-    rope = nn.RoPE(D, base=BASE)
-    outputs, start = [[] for _ in layers], 0
-    for size in steps:
-        for index, (q, k, v) in enumerate(layers):
-            sl = slice(start, start + size)
-            out = longheads_attention(
-                *(mx.array(a[None, :, sl]) for a in (q, k, v)),
-                caches[index], rope, SCALE, config,
-                partial(relay.most_peaked, index) if config.selection == "peak" else None,
-            )
-            outputs[index].append(out)
-        start += size
-    return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs]
-
-
 @pytest.mark.parametrize("L", [32, 56])
 @pytest.mark.parametrize(
     "prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40)]
@@ -227,7 +212,7 @@ def test_peak_selection_follows_the_most_peaked_layer_so_far(L, prefill, steps):
     group_of = None if prefill == "exact" else call_of * 1000 + np.arange(n) // w
     expected, gap = reference.peak_layers(layers, w, L, SCALE, BASE, group_of=group_of)
     assert gap > 1e-4  # no near-tie of two layers' shares for rounding to decide
-    for out, want in zip(run_layers(layers, config, steps), expected):
+    for out, want in zip(run_layers(layers, config, steps)[0], expected):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
