@@ -3,8 +3,8 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["query_head", "kv_head", "pooled", "peak"]
-SELECTIONS = ("query_head", "kv_head", "pooled", "peak")
+Selection = Literal["query_head", "kv_head", "pooled", "peak", "two_pass"]
+SELECTIONS = ("query_head", "kv_head", "pooled", "peak", "two_pass")
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
@@ -36,7 +36,9 @@ class LongHeadsConfig:
       per query head (the paper's rule); "kv_head" sums the scores of a GQA group and
       picks once per KV head; "peak" is "pooled" with every layer's shared slots
       following the most peaked pooled attention of the layers so far in the forward
-      call (`longheads.PeakRelay`).
+      call (`longheads.PeakRelay`); "two_pass" runs each group of queries past F
+      twice, the second time with every layer's shared slots following the most peaked
+      layer of the whole first pass (`longheads.TwoPassRelay`): twice the compute there.
     prefill: "grouped" lets the queries of one chunk within one forward call share a
       selection (one attention call per chunk); "exact" selects per token.
     kv_bits: store keys and values quantized to 4 or 8 bits (None: the model's float
@@ -63,7 +65,12 @@ class LongHeadsConfig:
     def pools(self) -> bool:
         """Whether the selection needs each layer's pooled attention (every key once per
         group of queries)."""
-        return self.selection in ("pooled", "peak")
+        return self.selection in ("pooled", "peak", "two_pass")
+
+    @property
+    def links_layers(self) -> bool:
+        """Whether a layer's selection depends on the model's other layers (a relay)."""
+        return self.selection in ("peak", "two_pass")
 
     @property
     def full_chunks(self) -> int:

@@ -32,7 +32,7 @@ from .config import DEFAULT_KV_GROUP_SIZE, SELECTIONS, LongHeadsConfig
 from .eval_report import TASK_ORDER, results_path, write_report
 from .generation import format_context_length, parse_context_length, prefill_status, stream_generate
 from .load import load
-from .models import head_dim
+from .models import head_dim, longheads_config
 from .tasks import make_sample, perplexity_text
 
 PREFILL_STEP = 2048  # mlx-lm's prefill step; perplexity calls the model in these blocks
@@ -41,7 +41,7 @@ DEFAULT_FORCED = "first+prev"
 SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
-    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak,prefill=grouped|exact,F=..,"
+    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak|two_pass,prefill=grouped|exact,F=..,"
     "score=raw|rotated,forced=first+prev|first|prev,kv=8|4,kvg=32|64|128], full, window[:L=..], "
     "or the presets baselines, ablation and designs"
 )
@@ -136,7 +136,7 @@ def parse_method(
 def presets(trained_length: int) -> Dict[str, List[str]]:
     """baselines: issue #5 part 3; ablation: part 4; designs: the selections of issue
     #17 (the paper's threshold F = L and F = the trained length, each with the paper's
-    per-head selection and the pooled one). Lengths are fractions of the trained
+    per-head selection and the pooled one; peak and two_pass at F = the trained length). Lengths are fractions of the trained
     length, rounded to a multiple of every chunk size used."""
     fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
     quarter, half, three_quarters = fraction(0.25), fraction(0.5), fraction(0.75)
@@ -154,7 +154,8 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
         ],
         "designs": [
             "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
-            f"longheads:sel=pooled,F={quarter}", "longheads:sel=pooled",
+            f"longheads:sel=pooled,F={quarter}", "longheads:sel=pooled", "longheads:sel=peak",
+            "longheads:sel=two_pass",
         ],
     }
 
@@ -284,12 +285,14 @@ class SelectionLog:
 
         return show
 
-    def share_selecting(self, chunk: int, n_layers: int) -> Optional[List[float]]:
-        """Per layer, the share of selecting heads whose window holds `chunk` (None when
-        the prompt was too short for selection)."""
-        if len(self.selected) < n_layers:
+    def share_selecting(self, chunk: int, n_layers: int, passes: int = 1) -> Optional[List[float]]:
+        """Per layer, the share of selecting heads whose window holds `chunk` in the last
+        of the step's `passes` through the layers (None when the prompt was too short for
+        selection)."""
+        selected = self.selected[(passes - 1) * n_layers : passes * n_layers]
+        if len(selected) < n_layers:
             return None
-        return [round((slots == chunk).any(axis=-1).mean().item(), 4) for slots in self.selected[:n_layers]]
+        return [round((slots == chunk).any(axis=-1).mean().item(), 4) for slots in selected]
 
 
 class Progress:
@@ -454,7 +457,9 @@ def question_record(
         record["prefix_reused"] = reused
     if chunk_size is not None:
         key_chunk = sample.answer_chunk(tokenizer, chunk_size)
-        by_layer = log.share_selecting(key_chunk, len(model.layers))
+        config = longheads_config(model)
+        passes = 2 if config is not None and config.selection == "two_pass" else 1
+        by_layer = log.share_selecting(key_chunk, len(model.layers), passes)
         if by_layer is not None:
             record.update(key_chunk=key_chunk, key_chunk_selected=round(sum(by_layer) / len(by_layer), 4),
                           key_chunk_selected_by_layer=by_layer)

@@ -31,7 +31,8 @@ NOTES = [
     "all of them (stock attention); a LongHeads name without `F=` has F = L, the paper's "
     "threshold. `sel=pooled`: half the retrieved slots hold the chunks the layer's heads "
     "attend to most together; `sel=peak`: those of the most peaked layer so far in the "
-    "forward call.",
+    "forward call; `sel=two_pass`: those of the most peaked layer of a first pass through "
+    "the whole model, in every layer of a second.",
     "- `kv=8` / `kv=4`: keys and values stored quantized from the first token (kv_bits; "
     "`kvg=` the group size, default 64); a name without `kv=` has float K/V.",
     "- Cells: mean (number of samples); `skipped`: full attention beyond --max-length-full.",

@@ -222,6 +222,29 @@ class PeakRelay:
         return pooled
 
 
+class TwoPassRelay(PeakRelay):
+    """What the "two_pass" selection carries from a group's first pass to its second.
+
+    "peak" gives the layers before the most peaked one nothing of what it finds. Yet
+    of the needles the pooled selection missed at 16k, the one at depth 30% was answered
+    only with its chunk in every layer, the first ones included (results/
+    relay_needle_16k.md, sample 9). With "two_pass" the model runs each group of
+    queries past F twice (`models.TwoPassCall`, which rolls the cache back in between):
+    the first pass selects as "peak" does and leaves here, per block of groups, the
+    pooled attention of the most peaked of all layers; in the second every layer's
+    shared slots follow that one.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.replaying = False
+
+    def most_peaked(self, layer: int, block: int, pooled: mx.array) -> mx.array:
+        if self.replaying:
+            return self.best[block][0]
+        return super().most_peaked(layer, block, pooled)
+
+
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
     """Row of each slot's chunk in a cache buffer viewed as [B * Hk * n_chunks, w, D].
 
@@ -279,8 +302,8 @@ def window_slots(
     true positions, so n = max(own) + 1 slots hold chunks 0..n-2 and the own chunk
     (slots a group may not see are masked by attend_groups): short contexts cost what
     ordinary attention costs. newest: where each group's newest query sits in it.
-    relay (selection "peak" only): the layer's pooled attention -> the one its shared
-    slots follow (`PeakRelay`).
+    relay (selections "peak" and "two_pass"): the layer's pooled attention -> the one
+    its shared slots follow (`PeakRelay`, `TwoPassRelay`).
     """
     B, H, G = queries.shape[:3]
     n_kv_heads = cache.kv_heads
@@ -298,7 +321,7 @@ def window_slots(
         index = mx.array(newest)[None, None, :, None, None]
         newest_queries = mx.take_along_axis(queries, index, axis=3)[:, :, :, 0]
         pooled = pooled_attention(newest_queries, cache, mx.array(own), rope, scale)
-        if config.selection == "peak":
+        if config.links_layers:
             pooled = relay(pooled)
         return select_chunks_pooled(query_sums, representations, pooled, mx.array(own), config.num_chunks)
     return select_chunks(
@@ -399,11 +422,13 @@ def longheads_attention(
     """One layer's attention for T new tokens, updating the cache.
 
     queries [B, H, T, D], keys and values [B, Hk, T, D], all before RoPE.
-    relay: with selection "peak", `PeakRelay.most_peaked` bound to this layer (the
-    link to the model's other layers). Returns [B, H, T, Dv].
+    relay: with selection "peak" or "two_pass", the relay's `most_peaked` bound to this
+    layer (the link to the model's other layers). Returns [B, H, T, Dv].
     """
-    if config.selection == "peak" and relay is None:
-        raise ValueError("the peak selection links a model's layers: apply it with apply_longheads")
+    if config.links_layers and relay is None:
+        raise ValueError(
+            f"the {config.selection} selection links a model's layers: apply it with apply_longheads"
+        )
     B, H, T, D = queries.shape
     w = config.chunk_size
     start = cache.offset

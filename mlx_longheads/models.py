@@ -6,14 +6,14 @@ and attends with `longheads_attention` over a `LongHeadsCache`.
 """
 
 from functools import partial
-from typing import Any, Callable, Optional
+from typing import Any, Callable, List, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
-from .longheads import PeakRelay, longheads_attention
+from .longheads import PeakRelay, TwoPassRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -26,8 +26,8 @@ class LongHeadsAttention(nn.Module):
         config: LongHeadsConfig,
         relay: Optional[Callable[[int, mx.array], mx.array]] = None,
     ):
-        """relay: the "peak" selection's link to the model's other layers (this layer's
-        `PeakRelay.most_peaked`); None for the other selections."""
+        """relay: the "peak" or "two_pass" selection's link to the model's other layers
+        (the relay's `most_peaked` bound to this layer); None for the other selections."""
         super().__init__()
         self.n_heads = attention.n_heads
         self.n_kv_heads = attention.n_kv_heads
@@ -65,6 +65,41 @@ class LongHeadsAttention(nn.Module):
             self.relay,
         )
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
+
+
+class TwoPassCall:
+    """The forward call of a model under selection "two_pass", mixed into its class.
+
+    Each group of queries past F goes through the model twice: the first pass selects
+    as "peak" and leaves the most peaked layer's pooled attention in the
+    `TwoPassRelay`; the cache is trimmed back and the second pass, whose keys, values
+    and logits are kept, gives every layer that layer's shared chunks. A group's
+    second pass must read the second-pass keys of the groups before it, so a call is
+    cut into one piece per group (a chunk, or a token with prefill "exact") past F:
+    a prompt prefilled in one call is computed as when fed one group per call.
+    """
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[LongHeadsCache]] = None) -> mx.array:
+        cache = self.make_cache() if cache is None else cache
+        config, relay = self.layers[0].self_attn.config, self.two_pass_relay
+        start, T = cache[0].offset, inputs.shape[1]
+        below = min(max(config.full_chunks * config.chunk_size - start, 0), T)  # one piece
+        group = 1 if config.prefill == "exact" else config.chunk_size
+        cuts = [i for i in range(below + 1, T) if (start + i) % group == 0]
+        bounds = sorted({0, below, *cuts, T})
+        logits = []
+        for first, last in zip(bounds, bounds[1:]):
+            piece = inputs[:, first:last]
+            if first >= below:
+                relay.replaying = False
+                super().__call__(piece, cache=cache)
+                mx.eval([best for best, _ in relay.best.values()], [c.buffers for c in cache])
+                for layer_cache in cache:
+                    layer_cache.trim(last - first)
+                relay.replaying = True
+            logits.append(super().__call__(piece, cache=cache))
+            relay.replaying = False
+        return mx.concatenate(logits, axis=1)
 
 
 def check_supported(model: nn.Module) -> None:
@@ -113,10 +148,14 @@ def apply_longheads(
     config = (config or LongHeadsConfig()).resolve(
         model.args.max_position_embeddings, head_dim(model.args)
     )
-    relay = PeakRelay() if config.selection == "peak" else None
+    relay = {"peak": PeakRelay, "two_pass": TwoPassRelay}.get(config.selection, lambda: None)()
     for index, layer in enumerate(model.layers):
         link = None if relay is None else partial(relay.most_peaked, index)
         layer.self_attn = LongHeadsAttention(layer.self_attn, config, link)
+    if config.selection == "two_pass":
+        base = type(model)
+        model.__class__ = type(base.__name__, (TwoPassCall, base), {})
+        model.two_pass_relay = relay
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
     model.make_cache = lambda: [make_cache(config, max_size) for _ in model.layers]
     return config

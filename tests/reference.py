@@ -113,12 +113,18 @@ def pooled_mass(q_newest, k, own, w, scale, base):
     return total
 
 
-def peak_layers(layers, w, L, scale, base, group_of=None):
+def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False):
     """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under the "peak"
     selection: a group's shared chunks at layer l are the top of the pooled mass of the
-    most peaked layer among 0..l (largest max / sum; the later layer on a tie). Also
-    returns the smallest gap between two shares compared (how far from a tie)."""
-    masses, gaps = [], [np.inf]
+    most peaked layer among 0..l (largest max / sum; the later layer on a tie); with
+    whole_model ("two_pass"'s second pass, the layers' inputs being those of the
+    first), among all layers. Also returns the smallest gap between two shares
+    compared (how far from a tie)."""
+    gaps = [np.inf]
+    masses = [
+        lambda newest, q=q, k=k: pooled_mass(q[:, newest], k, newest // w, w, scale, base)
+        for q, k, _ in layers
+    ]
 
     def most_peaked(newest, upto):
         totals = [m(newest) for m in masses[: upto + 1]]
@@ -129,7 +135,7 @@ def peak_layers(layers, w, L, scale, base, group_of=None):
 
     outputs = []
     for layer, (q, k, v) in enumerate(layers):
-        masses.append(lambda newest, q=q, k=k: pooled_mass(q[:, newest], k, newest // w, w, scale, base))
-        mass = lambda newest, layer=layer: most_peaked(newest, layer)  # noqa: E731
+        upto = len(layers) - 1 if whole_model else layer
+        mass = lambda newest, upto=upto: most_peaked(newest, upto)  # noqa: E731
         outputs.append(longheads(q, k, v, w, L, scale, base, group_of=group_of, pooled=True, mass=mass))
     return outputs, min(gaps)

@@ -13,6 +13,7 @@ from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.longheads import (
     PeakRelay,
+    TwoPassRelay,
     chunk_representations,
     longheads_attention,
     rotate_in_chunks,
@@ -38,20 +39,32 @@ def random_qkv(n: int, seed: int = 0, d: int = D):
 def run_layers(layers, config, steps, scale=SCALE):
     """Several layers' longheads_attention ((q, k, v) each) over the tokens in calls of
     the given sizes, each call going through the layers in order as a model's forward
-    call does (with selection "peak", linked by one PeakRelay). Returns each layer's
-    outputs and cache."""
-    relay = PeakRelay()
+    call does (with selection "peak", linked by one PeakRelay; with "two_pass", by a
+    TwoPassRelay, twice, the caches trimmed back in between as `models.TwoPassCall`
+    does). Returns each layer's outputs and cache."""
+    relay = TwoPassRelay() if config.selection == "two_pass" else PeakRelay()
     caches = [make_cache(config) for _ in layers]
     rope = nn.RoPE(layers[0][0].shape[-1], base=BASE)
     outputs, start = [[] for _ in layers], 0
-    for size in steps:
-        sl = slice(start, start + size)
-        for index, (q, k, v) in enumerate(layers):
-            out = longheads_attention(
+
+    def forward(sl):
+        return [
+            longheads_attention(
                 *(mx.array(a[None, :, sl]) for a in (q, k, v)),
                 caches[index], rope, scale, config,
-                partial(relay.most_peaked, index) if config.selection == "peak" else None,
+                partial(relay.most_peaked, index) if config.links_layers else None,
             )
+            for index, (q, k, v) in enumerate(layers)
+        ]
+
+    for size in steps:
+        sl = slice(start, start + size)
+        if config.selection == "two_pass":
+            relay.replaying = False
+            forward(sl)
+            assert all(cache.trim(size) == size for cache in caches)  # a cut it can undo
+            relay.replaying = True
+        for index, out in enumerate(forward(sl)):
             outputs[index].append(out)
         start += size
     return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs], caches
@@ -216,9 +229,28 @@ def test_peak_selection_follows_the_most_peaked_layer_so_far(L, prefill, steps):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-def test_the_peak_selection_needs_the_models_other_layers():
+@pytest.mark.parametrize("L", [32, 56])
+@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24)])
+def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(L, prefill, steps):
+    """selection="two_pass" over three layers, calls of one group each (as
+    `models.TwoPassCall` cuts them): in the second pass every layer's shared chunks
+    come from the pooled attention of the most peaked of all layers (the numpy rule)."""
+    w, n = 8, 120
+    config = LongHeadsConfig(w, L, selection="two_pass", prefill=prefill)
+    layers = [random_qkv(n, seed=20 + layer) for layer in range(3)]
+    ends = np.cumsum(steps)
+    call_of = np.searchsorted(ends, np.arange(n), side="right")
+    group_of = None if prefill == "exact" else call_of
+    expected, gap = reference.peak_layers(layers, w, L, SCALE, BASE, group_of=group_of, whole_model=True)
+    assert gap > 1e-4
+    for out, want in zip(run_layers(layers, config, steps)[0], expected):
+        np.testing.assert_allclose(out, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("selection", ["peak", "two_pass"])
+def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
-    config = LongHeadsConfig(8, 32, selection="peak")
+    config = LongHeadsConfig(8, 32, selection=selection)
     with pytest.raises(ValueError, match="apply it with apply_longheads"):
         longheads_attention(q, k, v, make_cache(config), nn.RoPE(D, base=BASE), SCALE, config)
 
@@ -250,6 +282,37 @@ def test_a_flat_layer_takes_the_shared_chunk_of_a_peaked_one_before_it(monkeypat
     monkeypatch.setattr(longheads, "select_chunks_pooled", recording)
     run_layers([(q0, k0, v0), (q1, k1, v1)], LongHeadsConfig(w, L, selection="peak"), [n - 1, 1])
     for layer_slots in slots[-2:]:  # layers 0 and 1 at the last token
+        assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
+
+
+def test_two_pass_gives_a_flat_layer_the_chunk_of_a_peaked_one_after_it(monkeypatch):
+    """The layers of the test above in the other order: layer 1 is peaked on the needle's
+    chunk, layer 0 flat and ranking another chunk first. With "two_pass", every head of
+    both layers attends to the needle's chunk in the second pass ("peak" gives layer 0
+    nothing of what a later layer finds)."""
+    w, L, n, needle = 8, 32, 96, 5
+    q1, k1, v1 = random_qkv(n, seed=30)
+    k1[:, needle * w : (needle + 1) * w] = 0
+    k1[:, needle * w : (needle + 1) * w, 0] = 8
+    q1[:, n - 1] = 0
+    q1[:, n - 1, 0] = 8
+    q0, k0, v0 = random_qkv(n, seed=31)
+    q0 *= 0.01
+    own_mass = reference.pooled_mass(q0[:, n - 1], k0, (n - 1) // w, w, SCALE, BASE)
+    assert 1 + np.argmax(own_mass) != needle
+
+    slots, select = [], longheads.select_chunks_pooled
+
+    def recording(*args):
+        chosen = select(*args)
+        slots.append(np.array(chosen))
+        return chosen
+
+    monkeypatch.setattr(longheads, "select_chunks_pooled", recording)
+    run_layers([(q0, k0, v0), (q1, k1, v1)], LongHeadsConfig(w, L, selection="two_pass"), [1] * n)
+    first_pass, second_pass = slots[-4:-2], slots[-2:]  # at the last token
+    assert not (first_pass[0][0, :, -1] == needle).any(axis=-1).all()  # layer 0 alone misses it
+    for layer_slots in second_pass:
         assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
 
 

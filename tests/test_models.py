@@ -10,7 +10,7 @@ from mlx_lm.models import gpt2
 from conftest import clone, tiny_model
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import ConfigError, LongHeadsConfig
-from mlx_longheads.models import apply_longheads
+from mlx_longheads.models import TwoPassCall, apply_longheads
 
 CONFIG = LongHeadsConfig(chunk_size=8, attention_length=64)
 
@@ -50,9 +50,10 @@ def test_below_attention_length_generate_step_equals_stock(arch):
 
 
 @pytest.mark.parametrize("n", [63, 64, 65, 95, 96, 97, 130])
-@pytest.mark.parametrize("selection", ["query_head", "kv_head", "pooled", "peak"])
+@pytest.mark.parametrize("selection", ["query_head", "kv_head", "pooled", "peak", "two_pass"])
 def test_exact_prefill_logits_equal_token_by_token_decode(arch, n, selection):
-    """Past the threshold (F = L = 64), with the model's layers linked under "peak"."""
+    """Past the threshold (F = L = 64), with the model's layers linked under "peak" and
+    run twice per group under "two_pass"."""
     config = LongHeadsConfig(8, 64, selection=selection, prefill="exact", full_attention_length=64)
     model = longheads_copy(tiny_model(arch), config)
     x = tokens(n, seed=n)
@@ -60,6 +61,28 @@ def test_exact_prefill_logits_equal_token_by_token_decode(arch, n, selection):
     cache = model.make_cache()
     decode = mx.concatenate([model(x[:, i : i + 1], cache=cache) for i in range(n)], axis=1)
     np.testing.assert_allclose(np.array(prefill), np.array(decode), atol=1e-4)
+
+
+def test_two_pass_prefill_runs_each_chunk_twice_and_keeps_the_second(arch):
+    """Grouped prefill under "two_pass", one call: stock attention below F, then per
+    chunk the model's own forward call twice (the relay recording, then replaying), the
+    cache trimmed back in between; the second pass's logits and cache are kept."""
+    config = LongHeadsConfig(8, 64, selection="two_pass", full_attention_length=64)
+    model = longheads_copy(tiny_model(arch), config)
+    x = tokens(300, seed=3)
+    whole = model(x)
+    forward = super(TwoPassCall, model).__call__  # the model class's own
+    relay, cache, logits = model.two_pass_relay, model.make_cache(), []
+    bounds = [0, 64, *range(72, 300, 8), 300]
+    for a, b in zip(bounds, bounds[1:]):
+        if a >= 64:
+            relay.replaying = False
+            forward(x[:, a:b], cache=cache)
+            assert all(layer.trim(b - a) == b - a for layer in cache)
+            relay.replaying = True
+        logits.append(forward(x[:, a:b], cache=cache))
+    assert cache[0].offset == 300
+    np.testing.assert_allclose(np.array(whole), np.array(mx.concatenate(logits, axis=1)), atol=1e-4)
 
 
 @pytest.mark.parametrize("full_attention_length, stock_up_to", [(64, 64), (None, 256)])
