@@ -255,23 +255,26 @@ def test_the_linked_selections_need_the_models_other_layers(selection):
         longheads_attention(q, k, v, make_cache(config), nn.RoPE(D, base=BASE), SCALE, config)
 
 
-def test_a_flat_layer_takes_the_shared_chunk_of_a_peaked_one_before_it(monkeypatch):
-    """Layer 0's last query matches one chunk's keys; layer 1's attention is nearly
-    uniform and its own pooled attention ranks another chunk first. With "peak" every
-    head of both layers attends to layer 0's chunk at the last token."""
-    w, L, n, needle = 8, 32, 96, 5
-    q0, k0, v0 = random_qkv(n, seed=30)
-    k0[:, needle * w : (needle + 1) * w] = 0
-    k0[:, needle * w : (needle + 1) * w, 0] = 8  # every key of the needle's chunk along dim 0 ...
-    q0[:, n - 1] = 0
-    q0[:, n - 1, 0] = 8  # ... and so is the last query
-    q1, k1, v1 = random_qkv(n, seed=31)
-    q1 *= 0.01
-    own_mass = reference.pooled_mass(q1[:, n - 1], k1, (n - 1) // w, w, SCALE, BASE)
+def peaked_and_flat_layers(w, n, needle):
+    """Two layers' (q, k, v): in the peaked one the last query matches the keys of the
+    needle's chunk; the flat one's attention is nearly uniform and its own pooled
+    attention ranks another chunk first."""
+    q, k, v = random_qkv(n, seed=30)
+    k[:, needle * w : (needle + 1) * w] = 0
+    k[:, needle * w : (needle + 1) * w, 0] = 8  # every key of the needle's chunk along dim 0 ...
+    q[:, n - 1] = 0
+    q[:, n - 1, 0] = 8  # ... and so is the last query
+    flat_q, flat_k, flat_v = random_qkv(n, seed=31)
+    flat_q *= 0.01
+    own_mass = reference.pooled_mass(flat_q[:, n - 1], flat_k, (n - 1) // w, w, SCALE, BASE)
     assert 1 + np.argmax(own_mass) != needle
-    peaked = reference.pooled_mass(q0[:, n - 1], k0, (n - 1) // w, w, SCALE, BASE)
+    peaked = reference.pooled_mass(q[:, n - 1], k, (n - 1) // w, w, SCALE, BASE)
     assert peaked.max() / peaked.sum() > 2 * own_mass.max() / own_mass.sum()
+    return (q, k, v), (flat_q, flat_k, flat_v)
 
+
+def recorded_pooled_slots(monkeypatch):
+    """The list every later call of `select_chunks_pooled` appends its slots to."""
     slots, select = [], longheads.select_chunks_pooled
 
     def recording(*args):
@@ -280,38 +283,30 @@ def test_a_flat_layer_takes_the_shared_chunk_of_a_peaked_one_before_it(monkeypat
         return chosen
 
     monkeypatch.setattr(longheads, "select_chunks_pooled", recording)
-    run_layers([(q0, k0, v0), (q1, k1, v1)], LongHeadsConfig(w, L, selection="peak"), [n - 1, 1])
+    return slots
+
+
+def test_a_flat_layer_takes_the_shared_chunk_of_a_peaked_one_before_it(monkeypatch):
+    """Layer 0 peaked, layer 1 flat: with "peak" every head of both layers attends to
+    the needle's chunk at the last token."""
+    w, L, n, needle = 8, 32, 96, 5
+    peaked, flat = peaked_and_flat_layers(w, n, needle)
+    slots = recorded_pooled_slots(monkeypatch)
+    run_layers([peaked, flat], LongHeadsConfig(w, L, selection="peak"), [n - 1, 1])
     for layer_slots in slots[-2:]:  # layers 0 and 1 at the last token
         assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
 
 
 def test_two_pass_gives_a_flat_layer_the_chunk_of_a_peaked_one_after_it(monkeypatch):
-    """The layers of the test above in the other order: layer 1 is peaked on the needle's
-    chunk, layer 0 flat and ranking another chunk first. With "two_pass", every head of
-    both layers attends to the needle's chunk in the second pass ("peak" gives layer 0
-    nothing of what a later layer finds)."""
+    """Layer 0 flat, layer 1 peaked: with "two_pass", every head of both layers attends
+    to the needle's chunk in the second pass, where in the first (as with "peak") layer
+    0 had nothing of what a later layer finds."""
     w, L, n, needle = 8, 32, 96, 5
-    q1, k1, v1 = random_qkv(n, seed=30)
-    k1[:, needle * w : (needle + 1) * w] = 0
-    k1[:, needle * w : (needle + 1) * w, 0] = 8
-    q1[:, n - 1] = 0
-    q1[:, n - 1, 0] = 8
-    q0, k0, v0 = random_qkv(n, seed=31)
-    q0 *= 0.01
-    own_mass = reference.pooled_mass(q0[:, n - 1], k0, (n - 1) // w, w, SCALE, BASE)
-    assert 1 + np.argmax(own_mass) != needle
-
-    slots, select = [], longheads.select_chunks_pooled
-
-    def recording(*args):
-        chosen = select(*args)
-        slots.append(np.array(chosen))
-        return chosen
-
-    monkeypatch.setattr(longheads, "select_chunks_pooled", recording)
-    run_layers([(q0, k0, v0), (q1, k1, v1)], LongHeadsConfig(w, L, selection="two_pass"), [1] * n)
+    peaked, flat = peaked_and_flat_layers(w, n, needle)
+    slots = recorded_pooled_slots(monkeypatch)
+    run_layers([flat, peaked], LongHeadsConfig(w, L, selection="two_pass"), [1] * n)
     first_pass, second_pass = slots[-4:-2], slots[-2:]  # at the last token
-    assert not (first_pass[0][0, :, -1] == needle).any(axis=-1).all()  # layer 0 alone misses it
+    assert not (first_pass[0][0, :, -1] == needle).any(axis=-1).all()
     for layer_slots in second_pass:
         assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
 
