@@ -44,7 +44,7 @@ from .config import LongHeadsConfig
 from .generation import format_context_length, parse_context_length
 from .longheads import longheads_attention
 from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
-from .models import apply_longheads, head_dim, longheads_config, make_cache
+from .models import apply_longheads, head_dim, longheads_config, make_cache, with_two_pass
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads": LongHeadsConfig(),  # the default: the pooled selection
@@ -52,6 +52,8 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
+    "longheads-peak": LongHeadsConfig(selection="peak"),
+    "longheads-two-pass": LongHeadsConfig(selection="two_pass"),  # each group twice past F
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
@@ -185,6 +187,7 @@ def use_method(model: nn.Module, stock: List[nn.Module], config: Optional[LongHe
     for layer, attention in zip(model.layers, stock):
         layer.self_attn = attention
     vars(model).pop("make_cache", None)  # apply_longheads' instance attribute
+    model.__class__ = with_two_pass(type(model), False)
     if config is not None:
         apply_longheads(model, config)
 

@@ -102,6 +102,12 @@ class TwoPassCall:
         return mx.concatenate(logits, axis=1)
 
 
+def with_two_pass(cls: type, two_pass: bool) -> type:
+    """A model class with `TwoPassCall` mixed in, or taken out again."""
+    base = cls.__bases__[1] if issubclass(cls, TwoPassCall) else cls
+    return type(base.__name__, (TwoPassCall, base), {}) if two_pass else base
+
+
 def check_supported(model: nn.Module) -> None:
     """Refuse what LongHeads cannot handle correctly, naming the rule."""
     args = model.args
@@ -152,9 +158,8 @@ def apply_longheads(
     for index, layer in enumerate(model.layers):
         link = None if relay is None else partial(relay.most_peaked, index)
         layer.self_attn = LongHeadsAttention(layer.self_attn, config, link)
+    model.__class__ = with_two_pass(type(model), config.selection == "two_pass")
     if config.selection == "two_pass":
-        base = type(model)
-        model.__class__ = type(base.__name__, (TwoPassCall, base), {})
         model.two_pass_relay = relay
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
     model.make_cache = lambda: [make_cache(config, max_size) for _ in model.layers]

@@ -9,7 +9,7 @@ import pytest
 from conftest import tiny_model
 from mlx_longheads import bench
 from mlx_longheads.cache import LongHeadsCache
-from mlx_longheads.models import apply_longheads
+from mlx_longheads.models import TwoPassCall, apply_longheads
 
 
 @pytest.fixture
@@ -69,3 +69,16 @@ def test_a_filled_cache_continues_like_a_prefilled_one():
     bench.fill(cache, 512, 600, heads=4, kv_heads=2, head_dim=16, dtype=mx.float32)
     assert cache.offset == 512 and cache.complete_chunks == 16
     assert cache.keys.shape == (1, 2, 608, 16) and cache.representations.shape == (1, 4, 19, 16)
+
+
+def test_switching_methods_switches_attention_and_the_two_pass_call():
+    """The model bench switches one model between methods: "two_pass" mixes its call into
+    the model's class once, and stock attention takes it out again."""
+    model = tiny_model("llama")
+    stock, own_class = [layer.self_attn for layer in model.layers], type(model)
+    for _ in range(2):
+        bench.use_method(model, stock, bench.METHODS["longheads-two-pass"])
+        assert type(model).__bases__ == (TwoPassCall, own_class)
+    bench.use_method(model, stock, None)
+    assert type(model) is own_class
+    assert all(layer.self_attn is attention for layer, attention in zip(model.layers, stock))
