@@ -93,6 +93,8 @@ class TwoPassCall:
             if first >= below:
                 relay.replaying = False
                 super().__call__(piece, cache=cache)
+                # Evaluated before the roll-back: no read of the first pass is pending
+                # when the second writes over its keys and values (no buffer copies).
                 mx.eval([best for best, _ in relay.best.values()], [c.buffers for c in cache])
                 for layer_cache in cache:
                     layer_cache.trim(last - first)
