@@ -106,3 +106,12 @@ $python -m mlx_longheads.eval report --output results/eval
 # and quantized K/V at 8k (issue 18; stopped after its first record: kv=8 sample 0):
 $python -m mlx_longheads.eval passkey --lengths 8k --samples 2 --methods longheads:kv=8,longheads:kv=4 --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# 2026-11-30, tenth session (issue 17): the "two_pass" selection (each group past F through the
+# model twice, every layer's shared slots following the first pass's most peaked layer), F = 8192,
+# on the same samples, one sample per process in /tmp folders (--first-sample N --samples 1),
+# merged with scripts/merge_eval_results.py:
+$python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:sel=two_pass --output results/eval
+$python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods longheads:sel=two_pass --output results/eval
+$python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:sel=two_pass --output results/eval
+$python -m mlx_longheads.eval passkey --lengths 16k --samples 1 --methods longheads:sel=two_pass --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
