@@ -29,16 +29,17 @@ class LongHeadsConfig:
       attends to all of them (stock attention); past it, each head selects. At least
       attention_length (which is the paper's threshold), at most the trained length.
       None: the trained length, so inside it LongHeads answers what the model does.
-    selection: "pooled" (the default) fills half the retrieved slots (rounded up) with
-      the chunks the layer's heads attend to most together, the rest per query head:
-      it finds a sentence in natural text past the trained length where the paper's
-      rule does not (README, "Questions about real text"); "query_head" picks chunks
+    selection: "two_pass" (the default) runs each group of queries past F through the
+      model twice: the first pass selects as "peak", the second gives every layer's
+      shared slots the chunks of the whole first pass's most peaked layer
+      (`longheads.TwoPassRelay`). Twice the compute past F, and the best measured on
+      natural-text retrieval past the trained length (README, "Questions about real
+      text"). "peak": one pass, every layer's shared slots following the most peaked
+      pooled attention of the layers so far in the forward call (`longheads.PeakRelay`).
+      "pooled" fills half the retrieved slots (rounded up) with the chunks the layer's
+      heads attend to most together, the rest per query head. "query_head" picks chunks
       per query head (the paper's rule); "kv_head" sums the scores of a GQA group and
-      picks once per KV head; "peak" is "pooled" with every layer's shared slots
-      following the most peaked pooled attention of the layers so far in the forward
-      call (`longheads.PeakRelay`); "two_pass" runs each group of queries past F
-      twice, the second time with every layer's shared slots following the most peaked
-      layer of the whole first pass (`longheads.TwoPassRelay`): twice the compute there.
+      picks once per KV head.
     prefill: "grouped" lets the queries of one chunk within one forward call share a
       selection (one attention call per chunk); "exact" selects per token.
     kv_bits: store keys and values quantized to 4 or 8 bits (None: the model's float
@@ -50,7 +51,7 @@ class LongHeadsConfig:
 
     chunk_size: Optional[int] = None
     attention_length: Optional[int] = None
-    selection: Selection = "pooled"
+    selection: Selection = "two_pass"
     prefill: Prefill = "grouped"
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None
