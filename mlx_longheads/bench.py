@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
@@ -42,18 +43,18 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from .cache import LongHeadsCache
 from .config import LongHeadsConfig
 from .generation import format_context_length, parse_context_length
-from .longheads import longheads_attention
+from .longheads import PeakRelay, longheads_attention
 from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
 from .models import apply_longheads, head_dim, longheads_config, make_cache, with_two_pass
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
-    "longheads": LongHeadsConfig(),  # the default: the pooled selection
+    "longheads": LongHeadsConfig(),  # the default: two_pass, each group twice past F
+    "longheads-pooled": LongHeadsConfig(selection="pooled"),
     "longheads-head": LongHeadsConfig(selection="query_head"),  # each query head selects
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
     "longheads-peak": LongHeadsConfig(selection="peak"),
-    "longheads-two-pass": LongHeadsConfig(selection="two_pass"),  # each group twice past F
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
@@ -242,7 +243,8 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
 
     Full attention reads the whole cache once (a lower bound for a prefill block);
     LongHeads reads, per group of queries sharing a selection, its window's chunks (and,
-    with the pooled selection, every key once per group, for the layer's pooled attention).
+    with the pooled, peak or two_pass selection, every key once per group, for the
+    layer's pooled attention; two_pass per pass).
     """
     H, Hk, D, item = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["itemsize"]
     if method == "full":
@@ -280,9 +282,11 @@ def kernel_bench(args) -> dict:
             if config is not None:
                 config = config.resolve(shape["trained_length"], D)
                 cache = make_cache(config)
+                # One layer linked to itself: a linked selection's cost per pass.
+                relay = partial(PeakRelay().most_peaked, 0) if config.links_layers else None
 
                 def attend(q, k, v):
-                    return longheads_attention(q, k, v, cache, rope, scale, config)
+                    return longheads_attention(q, k, v, cache, rope, scale, config, relay)
             else:
                 cache = KVCache()
 
@@ -409,6 +413,11 @@ def markdown(report: dict, command: str) -> str:
         "`longheads-kv` per KV head; "
         "`longheads-q8` stores keys and values in 8 bits (kv_bits=8).",
     ]
+    if report["kind"] == "kernel":
+        lines.append(
+            "The linked selections (peak, two_pass) run as one layer linked to itself: one "
+            "pass; two_pass makes two per token past F (the model-level bench times both)."
+        )
     if report["kind"] == "model":
         s = report["shapes"]
         lines.append(

@@ -6,7 +6,7 @@ and attends with `longheads_attention` over a `LongHeadsCache`.
 """
 
 from functools import partial
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -82,15 +82,10 @@ class TwoPassCall:
     def __call__(self, inputs: mx.array, cache: Optional[List[LongHeadsCache]] = None) -> mx.array:
         cache = self.make_cache() if cache is None else cache
         config, relay = self.layers[0].self_attn.config, self.two_pass_relay
-        start, T = cache[0].offset, inputs.shape[1]
-        below = min(max(config.full_chunks * config.chunk_size - start, 0), T)  # one piece
-        group = 1 if config.prefill == "exact" else config.chunk_size
-        cuts = [i for i in range(below + 1, T) if (start + i) % group == 0]
-        bounds = sorted({0, below, *cuts, T})
         logits = []
-        for first, last in zip(bounds, bounds[1:]):
+        for first, last, twice in two_pass_pieces(config, cache[0].offset, inputs.shape[1]):
             piece = inputs[:, first:last]
-            if first >= below:
+            if twice:
                 relay.replaying = False
                 super().__call__(piece, cache=cache)
                 # Evaluated before the roll-back: no read of the first pass is pending
@@ -102,6 +97,17 @@ class TwoPassCall:
             logits.append(super().__call__(piece, cache=cache))
             relay.replaying = False
         return mx.concatenate(logits, axis=1)
+
+
+def two_pass_pieces(config: LongHeadsConfig, start: int, tokens: int) -> List[Tuple[int, int, bool]]:
+    """How "two_pass" cuts a call of `tokens` queries after `start` cached ones:
+    (first, last, twice) per piece. Queries up to F are one piece, run once; past F one
+    piece per group (a chunk, or a token with prefill "exact"), run twice."""
+    below = min(max(config.full_chunks * config.chunk_size - start, 0), tokens)
+    group = 1 if config.prefill == "exact" else config.chunk_size
+    cuts = [i for i in range(below + 1, tokens) if (start + i) % group == 0]
+    bounds = sorted({0, below, *cuts, tokens})
+    return [(first, last, first >= below) for first, last in zip(bounds, bounds[1:])]
 
 
 def with_two_pass(cls: type, two_pass: bool) -> type:

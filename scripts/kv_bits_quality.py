@@ -2,9 +2,9 @@
 
 usage: python scripts/kv_bits_quality.py [--text perplexity|passkey|needle] [--length 16k]
            [--index 0] [--settings float,8,4,4/32] [--real] [--check 2048]
-           [--output results/kv_bits_quality.md]
+           [--selection pooled] [--output results/kv_bits_quality.md]
 
-One model (the default configuration: pooled selection, L 2048, w 256, F the trained
+One model (the default configuration, `--selection` aside: L 2048, w 256, F the trained
 length), one cache per setting, fed the same tokens in mlx-lm's 2048-token prefill steps
 in lockstep: per block the float cache's logits are compared with each quantized one's
 and dropped, so a 16k text needs no 16k x vocabulary arrays.
@@ -34,7 +34,7 @@ import mlx_longheads  # noqa: F401  (loads OpenBLAS before MLX on Linux)
 import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
-from mlx_longheads.config import DEFAULT_KV_GROUP_SIZE, LongHeadsConfig
+from mlx_longheads.config import DEFAULT_KV_GROUP_SIZE, SELECTIONS, LongHeadsConfig
 from mlx_longheads.eval import PREFILL_STEP, position_buckets
 from mlx_longheads.generation import format_context_length, parse_context_length
 from mlx_longheads.load import load
@@ -239,11 +239,12 @@ def main() -> None:
     parser.add_argument("--settings", default="float,8,4", help="float first: the reference")
     parser.add_argument("--real", action="store_true", help="the library's quantized cache, not the simulation")
     parser.add_argument("--check", type=int, default=0, help="tokens to compare the simulation with the real path on first")
+    parser.add_argument("--selection", default=LongHeadsConfig.selection, choices=SELECTIONS)
     parser.add_argument("--output", default=None, help="markdown file to append the table to")
     args = parser.parse_args()
     settings = [parse_setting(s.strip()) for s in args.settings.split(",")]
     n = parse_context_length(args.length)
-    model, tokenizer = load(None, longheads=LongHeadsConfig())
+    model, tokenizer = load(None, longheads=LongHeadsConfig(selection=args.selection))
     command = "python scripts/kv_bits_quality.py " + " ".join(sys.argv[1:])
     lines = [f"### `{command}`", ""]
     tic = time.perf_counter()

@@ -3,8 +3,9 @@
 The pooled selection lets every layer pick its shared chunks from its own pooled attention.
 In the needle prompts it misses at 16k, one middle layer still ranks the needle's chunk near
 the top (results/pooled_scores_needle_16k_misses.md), many others do not. This study
-prefills each prompt but its last `tail` tokens with the default configuration (cache
-saved under --cache-dir, so reruns take seconds), then feeds the tail as mlx-lm's
+prefills each prompt but its last `tail` tokens with the default configuration and the
+pooled selection (the default when it ran; cache saved under --cache-dir, so reruns take
+seconds), then feeds the tail as mlx-lm's
 generate_step does (all but its last token in one call, the last token alone) and answers
 greedily, with the shared slots changed, layer by layer, by a variant:
 
@@ -37,6 +38,7 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache
 import mlx_longheads.longheads as longheads
 import mlx_longheads.models as models
 from mlx_longheads import load
+from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.eval import prefilled, selection_replaced
 from mlx_longheads.tasks import make_sample
 from needle_oracle import greedy, write_report  # scripts/ is on the path when run
@@ -148,7 +150,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default="/tmp/relay_study")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
-    model, tokenizer = load()
+    model, tokenizer = load(longheads=LongHeadsConfig(selection="pooled"))  # the study's base
     config = models.longheads_config(model)
     layers = Layers(len(model.layers))
     models.longheads_attention = layers.counting

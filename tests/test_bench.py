@@ -56,7 +56,7 @@ def test_kernel_bench_reports_bytes_and_bandwidth(tmp_path, monkeypatch):
     rows = {(r["context"], r["method"]): r for r in report["results"]}
     assert len(rows) == 6
     # Full attention reads the whole cache; LongHeads its k chunks per selecting head, and
-    # the pooled selection (the default) every key once more for the layer's attention.
+    # the default (two_pass, one pass here) every key once more for the layer's attention.
     assert rows[512, "full"]["decode_bytes"] > rows[256, "full"]["decode_bytes"]
     assert rows[512, "longheads-head"]["decode_bytes"] < rows[512, "longheads"]["decode_bytes"]
     assert all(r["decode_gb_per_s"] > 0 and r["prefill_gb_per_s"] > 0 for r in rows.values())
@@ -77,8 +77,10 @@ def test_switching_methods_switches_attention_and_the_two_pass_call():
     model = tiny_model("llama")
     stock, own_class = [layer.self_attn for layer in model.layers], type(model)
     for _ in range(2):
-        bench.use_method(model, stock, bench.METHODS["longheads-two-pass"])
+        bench.use_method(model, stock, bench.METHODS["longheads"])  # the default: two_pass
         assert type(model).__bases__ == (TwoPassCall, own_class)
+    bench.use_method(model, stock, bench.METHODS["longheads-pooled"])
+    assert type(model) is own_class
     bench.use_method(model, stock, None)
     assert type(model) is own_class
     assert all(layer.self_attn is attention for layer, attention in zip(model.layers, stock))

@@ -83,7 +83,7 @@ def test_saved_prompt_cache_continues_generation_identically(tmp_path):
     np.testing.assert_allclose(continue_from(loaded), continue_from(cache), atol=1e-4)
 
 
-@pytest.mark.parametrize("selection", ["query_head", "pooled", "peak"])
+@pytest.mark.parametrize("selection", ["query_head", "pooled", "peak", "two_pass"])
 def test_decoding_holds_no_memory_per_token(selection):
     """mlx-lm's generate loop evaluates only the logits. The queries, kept queries and
     representations a step writes must be evaluated with them: an unevaluated write

@@ -19,7 +19,7 @@ from mlx_longheads.longheads import (
     rotate_in_chunks,
     select_chunks,
 )
-from mlx_longheads.models import make_cache
+from mlx_longheads.models import make_cache, two_pass_pieces
 
 import reference
 
@@ -40,8 +40,9 @@ def run_layers(layers, config, steps, scale=SCALE):
     """Several layers' longheads_attention ((q, k, v) each) over the tokens in calls of
     the given sizes, each call going through the layers in order as a model's forward
     call does (with selection "peak", linked by one PeakRelay; with "two_pass", by a
-    TwoPassRelay, twice, the caches trimmed back in between as `models.TwoPassCall`
-    does). Returns each layer's outputs and cache."""
+    TwoPassRelay, each call cut into `models.two_pass_pieces` and a piece past F run
+    twice, the caches trimmed back in between, as `models.TwoPassCall` does). Returns
+    each layer's outputs and cache."""
     relay = TwoPassRelay() if config.selection == "two_pass" else PeakRelay()
     caches = [make_cache(config) for _ in layers]
     rope = nn.RoPE(layers[0][0].shape[-1], base=BASE)
@@ -58,14 +59,17 @@ def run_layers(layers, config, steps, scale=SCALE):
         ]
 
     for size in steps:
-        sl = slice(start, start + size)
-        if config.selection == "two_pass":
+        pieces = two_pass_pieces(config, start, size) if config.selection == "two_pass" else [(0, size, False)]
+        for first, last, twice in pieces:
+            sl = slice(start + first, start + last)
+            if twice:
+                relay.replaying = False
+                forward(sl)
+                assert all(cache.trim(last - first) == last - first for cache in caches)
+                relay.replaying = True
+            for index, out in enumerate(forward(sl)):
+                outputs[index].append(out)
             relay.replaying = False
-            forward(sl)
-            assert all(cache.trim(size) == size for cache in caches)  # a cut it can undo
-            relay.replaying = True
-        for index, out in enumerate(forward(sl)):
-            outputs[index].append(out)
         start += size
     return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs], caches
 
@@ -358,7 +362,7 @@ class RecordingRoPE(nn.RoPE):
 def test_no_position_reaches_the_full_attention_length(w, k, full_extra, n, step, prefill):
     L, F = w * k, w * (k + full_extra)
     q, k_, v = random_qkv(n, seed=n)
-    config = LongHeadsConfig(w, L, prefill=prefill, full_attention_length=F)
+    config = LongHeadsConfig(w, L, "pooled", prefill, full_attention_length=F)
     cache, rope = LongHeadsCache(w), RecordingRoPE(D, base=BASE)
     for start in range(0, n, step):
         sl = slice(start, min(start + step, n))
