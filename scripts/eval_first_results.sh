@@ -115,3 +115,6 @@ $python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods long
 $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:sel=two_pass --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 16k --samples 1 --methods longheads:sel=two_pass --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# and one 32k needle sample (1, depth 50%) with the new default (two_pass), beside the soak:
+$python -m mlx_longheads.eval needle --lengths 32k --samples 1 --first-sample 1 --methods longheads --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
