@@ -118,3 +118,8 @@ $python -m mlx_longheads.eval report --output results/eval
 # and one 32k needle sample (1, depth 50%) with the new default (two_pass), beside the soak:
 $python -m mlx_longheads.eval needle --lengths 32k --samples 1 --first-sample 1 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+# 2026-12-01, eleventh session (issue 17): the default (two_pass) on the rest of the 32k needle
+# grid, one sample per process (scripts/eval_parallel.sh, two at a time, and sample 10 alone),
+# merged with scripts/merge_eval_results.py:
+$python -m mlx_longheads.eval needle --lengths 32k --samples 11 --methods longheads --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
