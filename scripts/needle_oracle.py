@@ -70,6 +70,16 @@ def candidate_samples(task: str, tokenizer, length: int, indices: str, w: int):
         yield index, sample, prompt, (chunk if 1 <= chunk <= own - 2 else None), own
 
 
+def studied_samples(task: str, tokenizer, length: int, indices: str, w: int, rows: List[str]):
+    """`candidate_samples` whose answer chunk is a candidate; for each other one a line in
+    the report's `rows` says why it was left out."""
+    for index, sample, prompt, chunk, own in candidate_samples(task, tokenizer, length, indices, w):
+        if chunk is None:
+            rows.append(f"- sample {index}: the answer's chunk is forced (first or last), not a candidate")
+        else:
+            yield index, sample, prompt, chunk, own
+
+
 def write_report(rows: List[str], output: Optional[str]) -> None:
     """The markdown table to `output` (when given) and to stdout."""
     report = "\n".join(rows) + "\n"

@@ -28,7 +28,7 @@ import numpy as np
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import prefilled, select_chunks_replaced
 import mlx_longheads.longheads as longheads
-from needle_oracle import candidate_samples, write_report  # scripts/ is on the path when run
+from needle_oracle import studied_samples, write_report  # scripts/ is on the path when run
 
 
 def tail_queries(model, prompt: List[int], tail: int):
@@ -106,10 +106,7 @@ def main() -> None:
         " q . rep / pooled attention mass / the same at the last token / pooled Quest bound.",
         "",
     ]
-    for index, sample, prompt, chunk, own in candidate_samples(args.task, tokenizer, args.length, args.samples, w):
-        if chunk is None:
-            rows.append(f"- sample {index}: the answer's chunk is forced (first or last), not a candidate")
-            continue
+    for index, sample, prompt, chunk, own in studied_samples(args.task, tokenizer, args.length, args.samples, w, rows):
         column, candidates = chunk - 1, own - 2
         cache, queries = tail_queries(model, prompt, args.tail)
         cells, firsts = [], {"rep": [], "mass": [], "mass 1": [], "bound": []}

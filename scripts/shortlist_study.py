@@ -29,7 +29,7 @@ import numpy as np
 import mlx_longheads.longheads as longheads
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import prefilled, selection_replaced
-from needle_oracle import candidate_samples, write_report  # scripts/ is on the path when run
+from needle_oracle import studied_samples, write_report  # scripts/ is on the path when run
 
 
 def first_pass(model, prompt: List[int]):
@@ -99,10 +99,7 @@ def main() -> None:
         " '-': not shortlisted.",
         "",
     ]
-    for index, sample, prompt, chunk, own in candidate_samples(args.task, tokenizer, args.length, args.samples, w):
-        if chunk is None:
-            rows.append(f"- sample {index}: the answer's chunk is forced (first or last), not a candidate")
-            continue
+    for index, sample, prompt, chunk, own in studied_samples(args.task, tokenizer, args.length, args.samples, w, rows):
         column = chunk - 1
         cache, calls = first_pass(model, prompt)
         cells, peaked = [], {name: (-1.0, 0, "") for name in names}
