@@ -43,9 +43,9 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 from .cache import LongHeadsCache
 from .config import LongHeadsConfig
 from .generation import format_context_length, parse_context_length
-from .longheads import PeakRelay, longheads_attention
+from .longheads import longheads_attention
 from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
-from .models import apply_longheads, head_dim, longheads_config, make_cache, with_two_pass
+from .models import apply_longheads, head_dim, longheads_config, make_cache, make_relay, with_two_pass
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads": LongHeadsConfig(),  # the default: two_pass, each group twice past F
@@ -283,7 +283,7 @@ def kernel_bench(args) -> dict:
                 config = config.resolve(shape["trained_length"], D)
                 cache = make_cache(config)
                 # One layer linked to itself: a linked selection's cost per pass.
-                relay = partial(PeakRelay().most_peaked, 0) if config.links_layers else None
+                relay = partial(make_relay(config).most_peaked, 0) if config.links_layers else None
 
                 def attend(q, k, v):
                     return longheads_attention(q, k, v, cache, rope, scale, config, relay)

@@ -3,8 +3,8 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["query_head", "kv_head", "pooled", "peak", "two_pass"]
-SELECTIONS = ("query_head", "kv_head", "pooled", "peak", "two_pass")
+Selection = Literal["query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk"]
+SELECTIONS = ("query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk")
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
@@ -34,7 +34,9 @@ class LongHeadsConfig:
       shared slots the chunks of the whole first pass's most peaked layer
       (`longheads.TwoPassRelay`). Twice the compute past F, and the best measured on
       natural-text retrieval past the trained length (README, "Questions about real
-      text"). "peak": one pass, every layer's shared slots following the most peaked
+      text"). "two_pass_topk": as "two_pass", but the most peaked layer is the one whose
+      top chunks, as many as it shares, hold the largest share of its pooled attention
+      (`longheads.TwoPassTopKRelay`; "two_pass" measures its top chunk alone). "peak": one pass, every layer's shared slots following the most peaked
       pooled attention of the layers so far in the forward call (`longheads.PeakRelay`).
       "pooled" fills half the retrieved slots (rounded up) with the chunks the layer's
       heads attend to most together, the rest per query head. "query_head" picks chunks
@@ -66,12 +68,23 @@ class LongHeadsConfig:
     def pools(self) -> bool:
         """Whether the selection needs each layer's pooled attention (every key once per
         group of queries)."""
-        return self.selection in ("pooled", "peak", "two_pass")
+        return self.selection in ("pooled", "peak", "two_pass", "two_pass_topk")
 
     @property
     def links_layers(self) -> bool:
         """Whether a layer's selection depends on the model's other layers (a relay)."""
-        return self.selection in ("peak", "two_pass")
+        return self.selection in ("peak", "two_pass", "two_pass_topk")
+
+    @property
+    def runs_twice(self) -> bool:
+        """Whether each group of queries past F goes through the model twice."""
+        return self.selection in ("two_pass", "two_pass_topk")
+
+    @property
+    def shared_slots(self) -> int:
+        """Retrieved slots the pooled selections give every head of a layer alike: half
+        of the k - 3, rounded up."""
+        return -(-(self.num_chunks - 3) // 2)
 
     @property
     def full_chunks(self) -> int:

@@ -41,7 +41,7 @@ DEFAULT_FORCED = "first+prev"
 SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
-    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak|two_pass,prefill=grouped|exact,F=..,"
+    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak|two_pass|two_pass_topk,prefill=grouped|exact,F=..,"
     "score=raw|rotated,forced=first+prev|first|prev,kv=8|4,kvg=32|64|128], full, window[:L=..], "
     "or the presets baselines, ablation and designs"
 )
@@ -458,7 +458,7 @@ def question_record(
     if chunk_size is not None:
         key_chunk = sample.answer_chunk(tokenizer, chunk_size)
         config = longheads_config(model)
-        passes = 2 if config is not None and config.selection == "two_pass" else 1
+        passes = 2 if config is not None and config.runs_twice else 1
         by_layer = log.share_selecting(key_chunk, len(model.layers), passes)
         if by_layer is not None:
             record.update(key_chunk=key_chunk, key_chunk_selected=round(sum(by_layer) / len(by_layer), 4),

@@ -163,15 +163,16 @@ def pooled_attention(
 
 
 def select_chunks_pooled(
-    query_sums: mx.array, representations: mx.array, pooled: mx.array, own: mx.array, k: int
+    query_sums: mx.array, representations: mx.array, pooled: mx.array, own: mx.array, k: int, shared: int
 ) -> mx.array:
     """The pooled selection: chunks the whole layer agrees on, then each head's own.
 
     One head's score of one chunk rarely ranks a sentence planted in natural text (a
     needle) first, while the attention the layer's heads give it together does
-    (scripts/pooled_score_study.py). So the first ceil((k-3)/2) retrieved slots of
-    every head hold the chunks with the most `pooled_attention` [B, G, C], and the rest
-    each head's top by q . rep among the others, as in `select_chunks`.
+    (scripts/pooled_score_study.py). So the first `shared` (`LongHeadsConfig.shared_slots`)
+    retrieved slots of every head hold the chunks with the most `pooled_attention`
+    [B, G, C], and the rest each head's top by q . rep among the others, as in
+    `select_chunks`.
 
     query_sums [B, H, G, D] and representations [B, H, C, D] as in `select_chunks`.
     Returns uint32 [B, H, G, k], the layout of `select_chunks`.
@@ -179,7 +180,6 @@ def select_chunks_pooled(
     B, H, G, _ = query_sums.shape
     C = pooled.shape[-1]
     retrieved = k - 3
-    shared = -(-retrieved // 2)
     allowed = candidate_chunks(C, own)  # [G, C]
     pooled = mx.where(allowed, pooled, -mx.inf)
     layer_top = mx.argpartition(-pooled, kth=shared - 1, axis=-1)[..., :shared]  # [B, G, s]
@@ -209,10 +209,14 @@ class PeakRelay:
     def __init__(self):
         self.best: Dict[int, Tuple[mx.array, mx.array]] = {}  # block -> (pooled, share)
 
+    def peakedness(self, pooled: mx.array) -> mx.array:
+        """[B, G]: the share of a layer's pooled attention [B, G, C] on its top chunk."""
+        return pooled.max(axis=-1) / pooled.sum(axis=-1)
+
     def most_peaked(self, layer: int, block: int, pooled: mx.array) -> mx.array:
         """`layer`'s pooled attention [B, G, C] for the groups of `block` (its first
         group's index in the call) -> the most peaked layer's so far, per group."""
-        share = pooled.max(axis=-1) / pooled.sum(axis=-1)
+        share = self.peakedness(pooled)
         if layer > 0:
             best, best_share = self.best[block]
             own = share >= best_share
@@ -243,6 +247,27 @@ class TwoPassRelay(PeakRelay):
         if self.replaying:
             return self.best[block][0]
         return super().most_peaked(layer, block, pooled)
+
+
+class TwoPassTopKRelay(TwoPassRelay):
+    """What the "two_pass_topk" selection carries: "two_pass"'s, with the most peaked
+    layer measured by the share of its pooled attention on the chunks it would share.
+
+    A layer can give one chunk an outsized share that has nothing to do with the
+    question: on a 32k needle prompt (depth 70%) layer 8 gave one chunk 0.067 of its
+    mass and was chosen, while layer 18 ranked the needle's chunk first at 0.051 with
+    0.116 on its top three against layer 8's 0.102 (results/layer_choice.md). The layer
+    whose shared chunks, all of them, hold the most of its attention is the one whose
+    choice the other layers are given.
+    """
+
+    def __init__(self, shared: int):
+        super().__init__()
+        self.shared = shared
+
+    def peakedness(self, pooled: mx.array) -> mx.array:
+        """[B, G]: the share of a layer's pooled attention on its top `shared` chunks."""
+        return mx.topk(pooled, self.shared, axis=-1).sum(axis=-1) / pooled.sum(axis=-1)
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
@@ -302,8 +327,9 @@ def window_slots(
     true positions, so n = max(own) + 1 slots hold chunks 0..n-2 and the own chunk
     (slots a group may not see are masked by attend_groups): short contexts cost what
     ordinary attention costs. newest: where each group's newest query sits in it.
-    relay (selections "peak" and "two_pass"): the layer's pooled attention -> the one
-    its shared slots follow (`PeakRelay`, `TwoPassRelay`).
+    relay (selections "peak", "two_pass" and "two_pass_topk"): the layer's pooled
+    attention -> the one its shared slots follow (`PeakRelay`, `TwoPassRelay`,
+    `TwoPassTopKRelay`).
     """
     B, H, G = queries.shape[:3]
     n_kv_heads = cache.kv_heads
@@ -323,7 +349,9 @@ def window_slots(
         pooled = pooled_attention(newest_queries, cache, mx.array(own), rope, scale)
         if config.links_layers:
             pooled = relay(pooled)
-        return select_chunks_pooled(query_sums, representations, pooled, mx.array(own), config.num_chunks)
+        return select_chunks_pooled(
+            query_sums, representations, pooled, mx.array(own), config.num_chunks, config.shared_slots
+        )
     return select_chunks(
         query_sums,
         representations,
@@ -422,7 +450,7 @@ def longheads_attention(
     """One layer's attention for T new tokens, updating the cache.
 
     queries [B, H, T, D], keys and values [B, Hk, T, D], all before RoPE.
-    relay: with selection "peak" or "two_pass", the relay's `most_peaked` bound to this
+    relay: with a selection that links layers, the relay's `most_peaked` bound to this
     layer (the link to the model's other layers). Returns [B, H, T, Dv].
     """
     if config.links_layers and relay is None:

@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
-from .longheads import PeakRelay, TwoPassRelay, longheads_attention
+from .longheads import PeakRelay, TwoPassRelay, TwoPassTopKRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -26,7 +26,7 @@ class LongHeadsAttention(nn.Module):
         config: LongHeadsConfig,
         relay: Optional[Callable[[int, mx.array], mx.array]] = None,
     ):
-        """relay: the "peak" or "two_pass" selection's link to the model's other layers
+        """relay: the link to the model's other layers of a selection that has one
         (the relay's `most_peaked` bound to this layer); None for the other selections."""
         super().__init__()
         self.n_heads = attention.n_heads
@@ -148,6 +148,13 @@ def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongH
     return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
 
 
+def make_relay(config: LongHeadsConfig) -> Optional[PeakRelay]:
+    """The link between a model's layers that the selection needs (None: unlinked)."""
+    if config.selection == "two_pass_topk":
+        return TwoPassTopKRelay(config.shared_slots)
+    return {"peak": PeakRelay, "two_pass": TwoPassRelay}.get(config.selection, lambda: None)()
+
+
 def apply_longheads(
     model: nn.Module,
     config: Optional[LongHeadsConfig] = None,
@@ -162,12 +169,12 @@ def apply_longheads(
     config = (config or LongHeadsConfig()).resolve(
         model.args.max_position_embeddings, head_dim(model.args)
     )
-    relay = {"peak": PeakRelay, "two_pass": TwoPassRelay}.get(config.selection, lambda: None)()
+    relay = make_relay(config)
     for index, layer in enumerate(model.layers):
         link = None if relay is None else partial(relay.most_peaked, index)
         layer.self_attn = LongHeadsAttention(layer.self_attn, config, link)
-    model.__class__ = with_two_pass(type(model), config.selection == "two_pass")
-    if config.selection == "two_pass":
+    model.__class__ = with_two_pass(type(model), config.runs_twice)
+    if config.runs_twice:
         model.two_pass_relay = relay
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
     model.make_cache = lambda: [make_cache(config, max_size) for _ in model.layers]

@@ -86,7 +86,7 @@ def main() -> None:
     model, tokenizer = load(longheads=LongHeadsConfig(selection="two_pass"))
     attention = model.layers[0].self_attn
     config, scale = attention.config, attention.scale
-    w, shared = config.chunk_size, -(-(config.num_chunks - 3) // 2)
+    w, shared = config.chunk_size, config.shared_slots
     names = ["all", "cheap"] + [f"M={m}" for m in sizes]
     rows = [
         f"# Shortlisted pooled attention: rank of the answer's chunk ({args.task}, {args.length} tokens, last token)",

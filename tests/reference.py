@@ -113,12 +113,13 @@ def pooled_mass(q_newest, k, own, w, scale, base):
     return total
 
 
-def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False):
+def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top=1):
     """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under the "peak"
     selection: a group's shared chunks at layer l are the top of the pooled mass of the
-    most peaked layer among 0..l (largest max / sum; the later layer on a tie); with
-    whole_model ("two_pass"'s second pass, the layers' inputs being those of the
-    first), among all layers. Also returns the smallest gap between two shares
+    most peaked layer among 0..l (largest share of the mass on its `top` largest
+    chunks; the later layer on a tie); with whole_model ("two_pass"'s second pass, the
+    layers' inputs being those of the first), among all layers ("two_pass_topk":
+    `top` = the shared slots). Also returns the smallest gap between two shares
     compared (how far from a tie)."""
     gaps = [np.inf]
     masses = [
@@ -128,7 +129,7 @@ def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False):
 
     def most_peaked(newest, upto):
         totals = [m(newest) for m in masses[: upto + 1]]
-        shares = [t.max() / t.sum() for t in totals]
+        shares = [np.sort(t)[-top:].sum() / t.sum() for t in totals]
         best = max(range(len(shares)), key=lambda i: (shares[i], i))
         gaps.extend(abs(shares[best] - s) for i, s in enumerate(shares) if i != best)
         return totals[best]

@@ -12,14 +12,12 @@ from mlx_longheads import longheads
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.longheads import (
-    PeakRelay,
-    TwoPassRelay,
     chunk_representations,
     longheads_attention,
     rotate_in_chunks,
     select_chunks,
 )
-from mlx_longheads.models import make_cache, two_pass_pieces
+from mlx_longheads.models import make_cache, make_relay, two_pass_pieces
 
 import reference
 
@@ -39,11 +37,11 @@ def random_qkv(n: int, seed: int = 0, d: int = D):
 def run_layers(layers, config, steps, scale=SCALE):
     """Several layers' longheads_attention ((q, k, v) each) over the tokens in calls of
     the given sizes, each call going through the layers in order as a model's forward
-    call does (with selection "peak", linked by one PeakRelay; with "two_pass", by a
-    TwoPassRelay, each call cut into `models.two_pass_pieces` and a piece past F run
-    twice, the caches trimmed back in between, as `models.TwoPassCall` does). Returns
-    each layer's outputs and cache."""
-    relay = TwoPassRelay() if config.selection == "two_pass" else PeakRelay()
+    call does (linked by the selection's relay, `models.make_relay`; with "two_pass"
+    and "two_pass_topk" each call cut into `models.two_pass_pieces` and a piece past F
+    run twice, the caches trimmed back in between, as `models.TwoPassCall` does).
+    Returns each layer's outputs and cache."""
+    relay = make_relay(config)
     caches = [make_cache(config) for _ in layers]
     rope = nn.RoPE(layers[0][0].shape[-1], base=BASE)
     outputs, start = [[] for _ in layers], 0
@@ -59,7 +57,7 @@ def run_layers(layers, config, steps, scale=SCALE):
         ]
 
     for size in steps:
-        pieces = two_pass_pieces(config, start, size) if config.selection == "two_pass" else [(0, size, False)]
+        pieces = two_pass_pieces(config, start, size) if config.runs_twice else [(0, size, False)]
         for first, last, twice in pieces:
             sl = slice(start + first, start + last)
             if twice:
@@ -233,25 +231,28 @@ def test_peak_selection_follows_the_most_peaked_layer_so_far(L, prefill, steps):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
+@pytest.mark.parametrize("selection", ["two_pass", "two_pass_topk"])
 @pytest.mark.parametrize("L", [32, 56])
 @pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24)])
-def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(L, prefill, steps):
-    """selection="two_pass" over three layers, calls of one group each (as
-    `models.TwoPassCall` cuts them): in the second pass every layer's shared chunks
-    come from the pooled attention of the most peaked of all layers (the numpy rule)."""
+def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(selection, L, prefill, steps):
+    """selection="two_pass" (or "two_pass_topk") over three layers, calls of one group
+    each (as `models.TwoPassCall` cuts them): in the second pass every layer's shared
+    chunks come from the pooled attention of the most peaked of all layers, by the
+    share of its top chunk (or of its top shared_slots chunks) (the numpy rule)."""
     w, n = 8, 120
-    config = LongHeadsConfig(w, L, selection="two_pass", prefill=prefill)
+    config = LongHeadsConfig(w, L, selection=selection, prefill=prefill)
+    top = config.shared_slots if selection == "two_pass_topk" else 1
     layers = [random_qkv(n, seed=20 + layer) for layer in range(3)]
     ends = np.cumsum(steps)
     call_of = np.searchsorted(ends, np.arange(n), side="right")
     group_of = None if prefill == "exact" else call_of
-    expected, gap = reference.peak_layers(layers, w, L, SCALE, BASE, group_of=group_of, whole_model=True)
+    expected, gap = reference.peak_layers(layers, w, L, SCALE, BASE, group_of=group_of, whole_model=True, top=top)
     assert gap > 1e-4
     for out, want in zip(run_layers(layers, config, steps)[0], expected):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["peak", "two_pass"])
+@pytest.mark.parametrize("selection", ["peak", "two_pass", "two_pass_topk"])
 def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
     config = LongHeadsConfig(8, 32, selection=selection)
@@ -313,6 +314,40 @@ def test_two_pass_gives_a_flat_layer_the_chunk_of_a_peaked_one_after_it(monkeypa
     assert not (first_pass[0][0, :, -1] == needle).any(axis=-1).all()
     for layer_slots in second_pass:
         assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
+
+
+def layer_attending_to(chunks, strength, w, n, seed):
+    """A layer's (q, k, v) whose last query matches every key of `chunks` along dim 0,
+    with `strength` setting how much of its attention they take."""
+    q, k, v = random_qkv(n, seed=seed)
+    for chunk in chunks:
+        k[:, chunk * w : (chunk + 1) * w] = 0
+        k[:, chunk * w : (chunk + 1) * w, 0] = strength
+    q[:, n - 1] = 0
+    q[:, n - 1, 0] = strength
+    return q, k, v
+
+
+@pytest.mark.parametrize("selection, shared_chunks", [("two_pass", [3]), ("two_pass_topk", [5, 7])])
+def test_two_pass_topk_measures_a_layer_by_all_the_chunks_it_shares(monkeypatch, selection, shared_chunks):
+    """Layer 0 gives one chunk (3) the largest share, layer 1 two chunks (5, 7) together
+    more of its attention than layer 0's top two; two slots are shared (L 48, w 8).
+    "two_pass" gives every head of both layers layer 0's chunk at the last token,
+    "two_pass_topk" layer 1's two."""
+    w, L, n = 8, 48, 96
+    config = LongHeadsConfig(w, L, selection=selection)
+    assert config.shared_slots == 2
+    one, two = layer_attending_to([3], 5.5, w, n, seed=40), layer_attending_to([5, 7], 7.0, w, n, seed=41)
+    shares = [
+        np.sort(m)[::-1] / m.sum()
+        for m in (reference.pooled_mass(q[:, n - 1], k, (n - 1) // w, w, SCALE, BASE) for q, k, _ in (one, two))
+    ]
+    assert shares[0][0] > shares[1][0] + 0.1 and shares[1][:2].sum() > shares[0][:2].sum() + 0.1
+    slots = recorded_pooled_slots(monkeypatch)
+    run_layers([one, two], config, [1] * n)
+    for layer_slots in slots[-2:]:  # the second pass's layers at the last token
+        for chunk in shared_chunks:
+            assert (layer_slots[0, :, -1] == chunk).any(axis=-1).all()
 
 
 @settings(max_examples=60, deadline=None)
