@@ -136,8 +136,9 @@ def parse_method(
 def presets(trained_length: int) -> Dict[str, List[str]]:
     """baselines: issue #5 part 3; ablation: part 4; designs: the selections of issue
     #17 (the paper's threshold F = L and F = the trained length, each with the paper's
-    per-head selection and the pooled one; peak and two_pass at F = the trained length). Lengths are fractions of the trained
-    length, rounded to a multiple of every chunk size used."""
+    per-head selection and the pooled one; peak, two_pass and two_pass_topk at F = the
+    trained length). Lengths are fractions of the trained length, rounded to a multiple
+    of every chunk size used."""
     fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
     quarter, half, three_quarters = fraction(0.25), fraction(0.5), fraction(0.75)
     return {
@@ -155,7 +156,7 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
         "designs": [
             "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
             f"longheads:sel=pooled,F={quarter}", "longheads:sel=pooled", "longheads:sel=peak",
-            "longheads:sel=two_pass",
+            "longheads:sel=two_pass", "longheads:sel=two_pass_topk",
         ],
     }
 

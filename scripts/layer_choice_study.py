@@ -136,20 +136,32 @@ def main() -> None:
     saved_prompts = [np.load(path) for path in paths]
     reciprocal = [1.0 / (1 + (s["masses"] > s["masses"][:, [int(s["answer"])]]).sum(axis=1)) for s in saved_prompts]
     found = {name: 0 for name in [*RULES, "calibrated"]}
+    details = ["", "The layers chosen by one rule (share of the layer's mass on its top chunk / on its top shared; the answer's share and rank):", ""]
     for i, (path, saved) in enumerate(zip(paths, saved_prompts)):
         masses, answer, shared = saved["masses"], int(saved["answer"]), int(saved["shared"])
         others = [r for j, r in enumerate(reciprocal) if j != i and len(r) == len(masses)]
         layer = int(np.argmax(np.mean(others, axis=0))) if others else 0
         rules = dict(RULES, calibrated=lambda m, s, layer=layer: (np.argsort(-m[layer])[:s], str(layer)))
+        results = {name: rule(masses, shared) for name, rule in rules.items()}
         cells = []
-        for name, rule in rules.items():
-            chosen, where = rule(masses, shared)
+        for name, (chosen, where) in results.items():
             chosen = list(chosen)
             cells.append(f"{chosen.index(answer) + 1 if answer in chosen else '-'} ({where})")
             found[name] += answer in chosen
         firsts = [str(layer) for layer in np.flatnonzero(masses.argmax(axis=1) == answer)]
+        p = normalised(masses)
+        chosen_layers = sorted({int(where) for _, where in results.values() if where.isdigit()})
+        details.append(
+            f"- {path.stem}: "
+            + "; ".join(
+                f"layer {layer} {sorted_desc(p)[layer, 0]:.3f} / {sorted_desc(p)[layer, :shared].sum():.3f}"
+                f" (answer {p[layer, answer]:.3f}, rank {int((p[layer] > p[layer, answer]).sum()) + 1})"
+                for layer in chosen_layers
+            )
+        )
         rows.append(f"| {path.stem} | {float(saved['depth']):.0%} | {', '.join(firsts) or 'none'} | " + " | ".join(cells) + " |")
     rows.append(f"| shared (of {len(paths)}) | | | " + " | ".join(str(found[name]) for name in found) + " |")
+    rows += details
     write_report(rows, args.output)
 
 
