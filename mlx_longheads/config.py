@@ -36,8 +36,9 @@ class LongHeadsConfig:
       natural-text retrieval past the trained length (README, "Questions about real
       text"). "two_pass_topk": as "two_pass", but the most peaked layer is the one whose
       top chunks, as many as it shares, hold the largest share of its pooled attention
-      (`longheads.TwoPassTopKRelay`; "two_pass" measures its top chunk alone). "peak": one pass, every layer's shared slots following the most peaked
-      pooled attention of the layers so far in the forward call (`longheads.PeakRelay`).
+      (`longheads.TwoPassTopKRelay`; "two_pass" measures its top chunk alone). "peak":
+      one pass, every layer's shared slots following the most peaked pooled attention
+      of the layers so far in the forward call (`longheads.PeakRelay`).
       "pooled" fills half the retrieved slots (rounded up) with the chunks the layer's
       heads attend to most together, the rest per query head. "query_head" picks chunks
       per query head (the paper's rule); "kv_head" sums the scores of a GQA group and
