@@ -123,3 +123,10 @@ $python -m mlx_longheads.eval report --output results/eval
 # merged with scripts/merge_eval_results.py:
 $python -m mlx_longheads.eval needle --lengths 32k --samples 11 --methods longheads --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+
+# 2026-12-01, twelfth session (issue 17): two_pass_topk (the most peaked layer measured by its
+# top shared_slots chunks) on the 16k needle grid and the 32k miss at depth 70% (sample 10),
+# one sample per process (scripts/eval_parallel.sh, two at a time), merged as above:
+$python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:sel=two_pass_topk --output results/eval
+$python -m mlx_longheads.eval needle --lengths 32k --samples 1 --first-sample 10 --methods longheads:sel=two_pass_topk --output results/eval
+$python -m mlx_longheads.eval report --output results/eval
