@@ -67,7 +67,8 @@ def run_layers(layers, config, steps, scale=SCALE):
                 relay.replaying = True
             for index, out in enumerate(forward(sl)):
                 outputs[index].append(out)
-            relay.replaying = False
+            if twice:
+                relay.replaying = False
         start += size
     return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs], caches
 
