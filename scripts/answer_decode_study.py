@@ -25,12 +25,12 @@ import mlx.core as mx
 import mlx_longheads.longheads as longheads
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import prefilled, selection_replaced
-from needle_oracle import studied_samples, write_report  # scripts/ is on the path when run
+from needle_oracle import greedy, studied_samples, write_report  # scripts/ is on the path when run
 
 
 def decode(model, cache, last: int, steps: int, chunk: int, pin: bool):
-    """Greedy tokens after the prompt's `last` token, and per step the share of the
-    heads (of the pass whose output is kept) holding `chunk`."""
+    """Greedy tokens after the prompt's `last` token (`needle_oracle.greedy`), and per
+    step the share of the heads (of the pass whose output is kept) holding `chunk`."""
     original, selected = longheads.select_chunks_pooled, []
 
     def select(query_sums, representations, pooled, own, k, shared):
@@ -43,17 +43,11 @@ def decode(model, cache, last: int, steps: int, chunk: int, pin: bool):
         return slots
 
     layers, passes = len(model.layers), 2 if model.layers[0].self_attn.config.runs_twice else 1
-    tokens, shares = [], []
     with selection_replaced(select, "select_chunks_pooled"):
-        token = last
-        for _ in range(steps):
-            selected.clear()
-            logits = model(mx.array([[token]]), cache=cache)
-            kept = selected[(passes - 1) * layers : passes * layers]
-            shares.append(sum(kept) / len(kept))
-            token = logits[0, -1].argmax().item()
-            tokens.append(token)
-    return tokens, shares
+        tokens = greedy(model, model(mx.array([[last]]), cache=cache), cache, steps)
+    per_step = passes * layers  # greedy feeds the last token too: steps + 1 calls, steps reported
+    kept = [selected[start + per_step - layers : start + per_step] for start in range(0, steps * per_step, per_step)]
+    return tokens, [sum(step) / len(step) for step in kept]
 
 
 def main() -> None:
@@ -82,7 +76,7 @@ def main() -> None:
         cache = prefilled(model, prompt[:-1])
         for run, pin in (("library", False), ("pinned", True)):
             tokens, shares = decode(model, cache, prompt[-1], args.steps, chunk, pin)
-            if any(layer_cache.trim(args.steps) != args.steps for layer_cache in cache):
+            if any(layer_cache.trim(args.steps + 1) != args.steps + 1 for layer_cache in cache):
                 raise SystemExit("the cache could not be trimmed back exactly: use fewer --steps")
             rows.append(
                 f"| {index} | {sample.depths[0]:.0%} | {sample.expected[0]} | {run} | {tokenizer.decode(tokens)!r}"

@@ -48,7 +48,7 @@ def by_layer(peakedness: Callable[[Masses, int], np.ndarray]) -> Rule:
     """A rule sharing the top `shared` chunks of the layer `peakedness` (of the layers'
     normalised masses and `shared`) ranks first (ties to the later layer, as in `PeakRelay`)."""
 
-    def rule(masses: Masses, shared: int) -> np.ndarray:
+    def rule(masses: Masses, shared: int) -> Tuple[np.ndarray, str]:
         score = peakedness(normalised(masses), shared)
         layer = len(score) - 1 - int(np.argmax(score[::-1]))
         return np.argsort(-masses[layer])[:shared], str(layer)

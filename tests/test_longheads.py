@@ -261,15 +261,23 @@ def test_the_linked_selections_need_the_models_other_layers(selection):
         longheads_attention(q, k, v, make_cache(config), nn.RoPE(D, base=BASE), SCALE, config)
 
 
+def layer_attending_to(chunks, strength, w, n, seed):
+    """A layer's (q, k, v) whose last query matches every key of `chunks` along dim 0,
+    with `strength` setting how much of its attention they take."""
+    q, k, v = random_qkv(n, seed=seed)
+    for chunk in chunks:
+        k[:, chunk * w : (chunk + 1) * w] = 0
+        k[:, chunk * w : (chunk + 1) * w, 0] = strength
+    q[:, n - 1] = 0
+    q[:, n - 1, 0] = strength
+    return q, k, v
+
+
 def peaked_and_flat_layers(w, n, needle):
     """Two layers' (q, k, v): in the peaked one the last query matches the keys of the
     needle's chunk; the flat one's attention is nearly uniform and its own pooled
     attention ranks another chunk first."""
-    q, k, v = random_qkv(n, seed=30)
-    k[:, needle * w : (needle + 1) * w] = 0
-    k[:, needle * w : (needle + 1) * w, 0] = 8  # every key of the needle's chunk along dim 0 ...
-    q[:, n - 1] = 0
-    q[:, n - 1, 0] = 8  # ... and so is the last query
+    q, k, v = layer_attending_to([needle], 8, w, n, seed=30)
     flat_q, flat_k, flat_v = random_qkv(n, seed=31)
     flat_q *= 0.01
     own_mass = reference.pooled_mass(flat_q[:, n - 1], flat_k, (n - 1) // w, w, SCALE, BASE)
@@ -315,18 +323,6 @@ def test_two_pass_gives_a_flat_layer_the_chunk_of_a_peaked_one_after_it(monkeypa
     assert not (first_pass[0][0, :, -1] == needle).any(axis=-1).all()
     for layer_slots in second_pass:
         assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
-
-
-def layer_attending_to(chunks, strength, w, n, seed):
-    """A layer's (q, k, v) whose last query matches every key of `chunks` along dim 0,
-    with `strength` setting how much of its attention they take."""
-    q, k, v = random_qkv(n, seed=seed)
-    for chunk in chunks:
-        k[:, chunk * w : (chunk + 1) * w] = 0
-        k[:, chunk * w : (chunk + 1) * w, 0] = strength
-    q[:, n - 1] = 0
-    q[:, n - 1, 0] = strength
-    return q, k, v
 
 
 @pytest.mark.parametrize("selection, shared_chunks", [("two_pass", [3]), ("two_pass_topk", [5, 7])])
