@@ -49,6 +49,10 @@ class LongHeadsCache(_BaseCache):
         self.queries: Optional[mx.array] = None  # [B, H, w, D]: the incomplete chunk's
         # [B, H, u * w, D]: the last u <= UNDO_CHUNKS complete chunks' (None: u = 0)
         self.undo_queries: Optional[mx.array] = None
+        # [B, capacity, 1 + s] (selection "two_pass_carry", layer 0's cache only): per
+        # token, the choice of the group whose newest query it is, as `record_choice`
+        # writes it; share -1 where no group's newest query is.
+        self.choices: Optional[mx.array] = None
         self.offset = 0
 
     @property
@@ -115,6 +119,10 @@ class LongHeadsCache(_BaseCache):
         )
         if self.queries is None:
             self.queries = mx.zeros((B, H, w, D), queries.dtype)
+        if self.choices is not None:
+            fresh = mx.full((B, new_capacity, self.choices.shape[-1]), -1.0)
+            fresh[:, : self.choices.shape[1]] = self.choices
+            self.choices = fresh
 
     def append(
         self, queries: mx.array, keys: mx.array, values: mx.array
@@ -165,6 +173,25 @@ class LongHeadsCache(_BaseCache):
         last = self.complete_chunks
         self.representations[:, :, last - n : last] = representations
 
+    def record_choice(self, start: int, tokens: int, share: mx.array, chunks: mx.array) -> None:
+        """Note the choice of the group of queries start..start+tokens-1 at its newest:
+        the share [B] of its first pass's most peaked layer and that layer's top
+        chunks [B, s]. The group's other tokens are noted as no group's newest."""
+        B, s = chunks.shape
+        if self.choices is None:
+            self.choices = mx.full((B, self.capacity, 1 + s), -1.0)
+        newest = mx.concatenate([share[:, None], chunks.astype(mx.float32)], axis=-1)
+        rows = mx.full((B, tokens - 1, 1 + s), -1.0)
+        self.choices[:, start : start + tokens] = mx.concatenate([rows, newest[:, None]], axis=1)
+
+    def recent_choice(self, start: int, span: int) -> Tuple[mx.array, mx.array]:
+        """The most peaked choice noted at the `span` tokens before `start` (after
+        `record_choice`): its share [B] (-1 where none was noted) and chunks [B, s]."""
+        rows = self.choices[:, max(0, start - span) : start]
+        best = mx.argmax(rows[..., 0], axis=1)
+        row = mx.take_along_axis(rows, best[:, None, None], axis=1)[:, 0]
+        return row[:, 0], row[:, 1:].astype(mx.uint32)
+
     # mlx-lm's cache interface
 
     @property
@@ -179,6 +206,7 @@ class LongHeadsCache(_BaseCache):
             self.representations[:, :, : self.complete_chunks],
             self.queries,
             self.undo_queries,
+            None if self.choices is None else self.choices[:, :used],
             self.offset,
             self.chunk_size,
             self.bits,
@@ -190,11 +218,11 @@ class LongHeadsCache(_BaseCache):
         self.max_size = None
         if not v:
             self.keys = self.values = self.representations = self.queries = None
-            self.undo_queries = None
+            self.undo_queries = self.choices = None
             self.offset = 0
             return
-        keys, values, representations, queries, undo_queries = v[:5]
-        self.offset, self.chunk_size, self.bits, self.group_size = v[5:]
+        keys, values, representations, queries, undo_queries, self.choices = v[:6]
+        self.offset, self.chunk_size, self.bits, self.group_size = v[6:]
         # A loaded file gives lists where the state had tuples.
         self.keys, self.values = (tuple(b) if self.bits else b for b in (keys, values))
         self.queries, self.undo_queries = queries, undo_queries
@@ -256,7 +284,7 @@ class LongHeadsCache(_BaseCache):
     @property
     def buffers(self) -> List[mx.array]:
         """Every array the cache holds (each quantized buffer's parts separately)."""
-        arrays = (self.keys, self.values, self.representations, self.queries, self.undo_queries)
+        arrays = (self.keys, self.values, self.representations, self.queries, self.undo_queries, self.choices)
         return [a for _, a in tree_flatten(arrays) if a is not None]
 
     @property

@@ -3,8 +3,9 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk"]
-SELECTIONS = ("query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk")
+Selection = Literal["query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry"]
+SELECTIONS = ("query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry")
+TWO_PASS_SELECTIONS = ("two_pass", "two_pass_topk", "two_pass_carry")
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
@@ -36,7 +37,11 @@ class LongHeadsConfig:
       natural-text retrieval past the trained length (README, "Questions about real
       text"). "two_pass_topk": as "two_pass", but the most peaked layer is the one whose
       top chunks, as many as it shares, hold the largest share of its pooled attention
-      (`longheads.TwoPassTopKRelay`; "two_pass" measures its top chunk alone). "peak":
+      (`longheads.TwoPassTopKRelay`; "two_pass" measures its top chunk alone).
+      "two_pass_carry": as "two_pass", but a group's second pass keeps the choice of
+      an earlier group's first pass within the chunk_size tokens before it where that
+      was more peaked than its own (`longheads.CarryRelay`): a question's choice carries
+      into the answer's tokens. "peak":
       one pass, every layer's shared slots following the most peaked pooled attention
       of the layers so far in the forward call (`longheads.PeakRelay`).
       "pooled" fills half the retrieved slots (rounded up) with the chunks the layer's
@@ -69,17 +74,17 @@ class LongHeadsConfig:
     def pools(self) -> bool:
         """Whether the selection needs each layer's pooled attention (every key once per
         group of queries)."""
-        return self.selection in ("pooled", "peak", "two_pass", "two_pass_topk")
+        return self.selection in ("pooled", "peak", *TWO_PASS_SELECTIONS)
 
     @property
     def links_layers(self) -> bool:
         """Whether a layer's selection depends on the model's other layers (a relay)."""
-        return self.selection in ("peak", "two_pass", "two_pass_topk")
+        return self.selection in ("peak", *TWO_PASS_SELECTIONS)
 
     @property
     def runs_twice(self) -> bool:
         """Whether each group of queries past F goes through the model twice."""
-        return self.selection in ("two_pass", "two_pass_topk")
+        return self.selection in TWO_PASS_SELECTIONS
 
     @property
     def shared_slots(self) -> int:

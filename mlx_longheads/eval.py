@@ -41,7 +41,7 @@ DEFAULT_FORCED = "first+prev"
 SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
-    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak|two_pass|two_pass_topk,prefill=grouped|exact,F=..,"
+    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak|two_pass|two_pass_topk|two_pass_carry,prefill=grouped|exact,F=..,"
     "score=raw|rotated,forced=first+prev|first|prev,kv=8|4,kvg=32|64|128], full, window[:L=..], "
     "or the presets baselines, ablation and designs"
 )
@@ -136,7 +136,7 @@ def parse_method(
 def presets(trained_length: int) -> Dict[str, List[str]]:
     """baselines: issue #5 part 3; ablation: part 4; designs: the selections of issue
     #17 (the paper's threshold F = L and F = the trained length, each with the paper's
-    per-head selection and the pooled one; peak, two_pass and two_pass_topk at F = the
+    per-head selection and the pooled one; peak and the two-pass selections at F = the
     trained length). Lengths are fractions of the trained length, rounded to a multiple
     of every chunk size used."""
     fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
@@ -156,7 +156,7 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
         "designs": [
             "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
             f"longheads:sel=pooled,F={quarter}", "longheads:sel=pooled", "longheads:sel=peak",
-            "longheads:sel=two_pass", "longheads:sel=two_pass_topk",
+            "longheads:sel=two_pass", "longheads:sel=two_pass_topk", "longheads:sel=two_pass_carry",
         ],
     }
 

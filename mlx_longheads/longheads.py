@@ -248,6 +248,10 @@ class TwoPassRelay(PeakRelay):
             return self.best[block][0]
         return super().most_peaked(layer, block, pooled)
 
+    def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
+        """Called between a group's two passes (the cache trimmed back to its start):
+        "two_pass" keeps nothing across groups."""
+
 
 class TwoPassTopKRelay(TwoPassRelay):
     """What the "two_pass_topk" selection carries: "two_pass"'s, with the most peaked
@@ -268,6 +272,39 @@ class TwoPassTopKRelay(TwoPassRelay):
     def peakedness(self, pooled: mx.array) -> mx.array:
         """[B, G]: the share of a layer's pooled attention on its top `shared` chunks."""
         return mx.topk(pooled, self.shared, axis=-1).sum(axis=-1) / pooled.sum(axis=-1)
+
+
+class CarryRelay(TwoPassRelay):
+    """What the "two_pass_carry" selection carries: "two_pass"'s, and from group to group
+    the choice of the most peaked first pass within the last chunk_size tokens.
+
+    Each decoded token is its own group and selects from its own query. In the needle
+    misses of the two_pass selections whose chunk every head held at the question's
+    last token, the heads dropped it from the first or second answer token on (0.00-0.02
+    of them) and answered " 1."; with it kept, they answered right (results/
+    answer_decode_needle_16k.md, answer_decode_needle_32k_topk.md). So a group's second
+    pass takes the shared chunks of the most peaked first pass among its own and those
+    of the groups whose newest query lies in the `span` tokens before its first (the
+    question's for the answer's first tokens), measured as "two_pass" measures a layer.
+    The choices are noted in layer 0's cache, a row per token: trimming, saving and
+    restoring a cache keep them, and decoding still equals exact prefill.
+    """
+
+    def __init__(self, shared: int, span: int):
+        super().__init__()
+        self.shared = shared
+        self.span = span
+
+    def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
+        ((pooled, share),) = self.best.values()  # one group per piece past F
+        pooled, share = pooled[:, 0], share[:, 0]  # [B, C], [B]
+        chunks = mx.argpartition(-pooled, kth=self.shared - 1, axis=-1)[:, : self.shared]
+        cache.record_choice(cache.offset, tokens, share, chunks)
+        carried_share, carried_chunks = cache.recent_choice(cache.offset, self.span)
+        carried = (mx.arange(pooled.shape[-1]) == carried_chunks[..., None]).any(axis=-2)
+        keep = carried_share > share
+        pooled = mx.where(keep[:, None], carried.astype(pooled.dtype), pooled)
+        self.best = {0: (pooled[:, None], mx.maximum(share, carried_share)[:, None])}
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:

@@ -13,7 +13,7 @@ import mlx.nn as nn
 
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
-from .longheads import PeakRelay, TwoPassRelay, TwoPassTopKRelay, longheads_attention
+from .longheads import CarryRelay, PeakRelay, TwoPassRelay, TwoPassTopKRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -93,6 +93,7 @@ class TwoPassCall:
                 mx.eval([best for best, _ in relay.best.values()], [c.buffers for c in cache])
                 for layer_cache in cache:
                     layer_cache.trim(last - first)
+                relay.between_passes(cache[0], last - first)
                 relay.replaying = True
             logits.append(super().__call__(piece, cache=cache))
             relay.replaying = False
@@ -152,6 +153,8 @@ def make_relay(config: LongHeadsConfig) -> Optional[PeakRelay]:
     """The link between a model's layers that the selection needs (None: unlinked)."""
     if config.selection == "two_pass_topk":
         return TwoPassTopKRelay(config.shared_slots)
+    if config.selection == "two_pass_carry":
+        return CarryRelay(config.shared_slots, config.chunk_size)
     return {"peak": PeakRelay, "two_pass": TwoPassRelay}.get(config.selection, lambda: None)()
 
 

@@ -21,7 +21,8 @@ from .config import LongHeadsConfig
 
 # 2: the cache state carries kv_bits and kv_group_size (quantized K/V).
 # 3: and the raw queries of the last complete chunks (exact trim).
-FORMAT_VERSION = "3"
+# 4: and the choices of selection "two_pass_carry" (None for the others).
+FORMAT_VERSION = "4"
 REBUILD = "delete it and run the prompt again to rebuild it"
 
 
@@ -113,4 +114,6 @@ def inconsistency(cache: List[Any], model: nn.Module) -> Optional[str]:
         undo = 0 if c.undo_queries is None else c.undo_queries.shape[2]
         if undo % w or undo > min(UNDO_CHUNKS, c.complete_chunks) * w:
             return f"{undo} queries kept of complete chunks of {w}, {c.complete_chunks} complete"
+        if c.choices is not None and c.choices.shape[1] != held:
+            return f"{c.choices.shape[1]} noted choices for {held} stored tokens"
     return None

@@ -113,14 +113,17 @@ def pooled_mass(q_newest, k, own, w, scale, base):
     return total
 
 
-def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top=1):
+def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top=1, carry=None):
     """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under the "peak"
     selection: a group's shared chunks at layer l are the top of the pooled mass of the
     most peaked layer among 0..l (largest share of the mass on its `top` largest
     chunks; the later layer on a tie); with whole_model ("two_pass"'s second pass, the
     layers' inputs being those of the first), among all layers ("two_pass_topk":
-    `top` = the shared slots). Also returns the smallest gap between two shares
-    compared (how far from a tie)."""
+    `top` = the shared slots). carry ("two_pass_carry", with whole_model): a span of
+    tokens; a group takes the top shared chunks of an earlier group's most peaked layer
+    instead of its own where that group's newest query is among the `carry` tokens
+    before its first and its share was larger (the largest such). Also returns the
+    smallest gap between two shares compared (how far from a tie)."""
     gaps = [np.inf]
     masses = [
         lambda newest, q=q, k=k: pooled_mass(q[:, newest], k, newest // w, w, scale, base)
@@ -132,11 +135,39 @@ def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top
         shares = [np.sort(t)[-top:].sum() / t.sum() for t in totals]
         best = max(range(len(shares)), key=lambda i: (shares[i], i))
         gaps.extend(abs(shares[best] - s) for i, s in enumerate(shares) if i != best)
-        return totals[best]
+        return totals[best], shares[best]
 
+    carried = {} if carry is None else carried_masses(
+        lambda newest: most_peaked(newest, len(layers) - 1), layers[0][0].shape[1], w, L, group_of, carry, gaps
+    )
     outputs = []
     for layer, (q, k, v) in enumerate(layers):
         upto = len(layers) - 1 if whole_model else layer
-        mass = lambda newest, upto=upto: most_peaked(newest, upto)  # noqa: E731
+        mass = carried.__getitem__ if carry else lambda newest, upto=upto: most_peaked(newest, upto)[0]
         outputs.append(longheads(q, k, v, w, L, scale, base, group_of=group_of, pooled=True, mass=mass))
     return outputs, min(gaps)
+
+
+def carried_masses(most_peaked, n, w, L, group_of, span, gaps):
+    """{newest: mass} of the "two_pass_carry" rule for each group past the threshold
+    (F = L), in order: its own most peaked mass, or the top shared chunks (as a mass of
+    1 each) of the most peaked earlier group whose newest query is among the `span`
+    tokens before its first, where that one's share is larger."""
+    group_of = np.arange(n) if group_of is None else np.asarray(group_of)
+    shared = -(-(L // w - 3) // 2)
+    noted, masses = {}, {}
+    for group in dict.fromkeys(group_of):
+        members = np.flatnonzero(group_of == group)
+        first, newest = members.min(), members.max()
+        if newest // w < L // w:
+            continue
+        mass, share = most_peaked(newest)
+        noted[newest] = (share, 1 + np.argsort(-mass, kind="stable")[:shared])
+        earlier = [noted[p] for p in noted if first - span <= p < first]
+        if earlier:
+            best_share, chunks = max(earlier, key=lambda noted: noted[0])
+            gaps.append(abs(best_share - share))
+            if best_share > share:
+                mass = np.isin(np.arange(1, len(mass) + 1), chunks).astype(float)
+        masses[newest] = mass
+    return masses

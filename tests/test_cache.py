@@ -1,5 +1,7 @@
 """The chunked KV cache: what it stores, how it grows, saving and loading."""
 
+from dataclasses import replace
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -62,8 +64,10 @@ def test_buffers_grow_by_steps_not_per_token():
     assert cache[0].keys.shape[2] == 4096  # grew by at least 2048 tokens at once
 
 
-def test_saved_prompt_cache_continues_generation_identically(tmp_path):
-    model, _ = longheads_model("qwen3")
+@pytest.mark.parametrize("selection", ["two_pass", "two_pass_carry"])
+def test_saved_prompt_cache_continues_generation_identically(tmp_path, selection):
+    """With "two_pass_carry" the choices noted in the cache carry over too."""
+    model, _ = longheads_model("qwen3", config=replace(CONFIG, selection=selection))
     text = prompt(150)
     cache = model.make_cache()
     # Prefill in steps that end mid-chunk, then save.
@@ -83,7 +87,7 @@ def test_saved_prompt_cache_continues_generation_identically(tmp_path):
     np.testing.assert_allclose(continue_from(loaded), continue_from(cache), atol=1e-4)
 
 
-@pytest.mark.parametrize("selection", ["query_head", "pooled", "peak", "two_pass"])
+@pytest.mark.parametrize("selection", ["query_head", "pooled", "peak", "two_pass", "two_pass_carry"])
 def test_decoding_holds_no_memory_per_token(selection):
     """mlx-lm's generate loop evaluates only the logits. The queries, kept queries and
     representations a step writes must be evaluated with them: an unevaluated write
@@ -205,11 +209,13 @@ def log_probabilities(model, cache, tokens) -> np.ndarray:
 EXACT_CUTS = [(150, 1), (150, 5), (150, 12), (144, 40)]
 
 
+@pytest.mark.parametrize("selection", ["two_pass", "two_pass_carry"])
 @pytest.mark.parametrize("kept, trimmed", EXACT_CUTS)
-def test_trimmed_tokens_are_undone_exactly(kept, trimmed):
+def test_trimmed_tokens_are_undone_exactly(kept, trimmed, selection):
     """Feed A then B, trim B, feed C: the same log-probabilities for C as feeding A then
-    C (grouped prefill selects per call, so the reference makes the same calls)."""
-    model, _ = longheads_model()
+    C (grouped prefill selects per call, so the reference makes the same calls; with
+    "two_pass_carry" B's noted choices are not carried into C)."""
+    model, _ = longheads_model(config=replace(CONFIG, selection=selection))
     a, b, c = prompt(kept), prompt(trimmed, seed=1), prompt(20, seed=2)
     cache = model.make_cache()
     model(a[None], cache=cache)

@@ -37,9 +37,9 @@ def random_qkv(n: int, seed: int = 0, d: int = D):
 def run_layers(layers, config, steps, scale=SCALE):
     """Several layers' longheads_attention ((q, k, v) each) over the tokens in calls of
     the given sizes, each call going through the layers in order as a model's forward
-    call does (linked by the selection's relay, `models.make_relay`; with "two_pass"
-    and "two_pass_topk" each call cut into `models.two_pass_pieces` and a piece past F
-    run twice, the caches trimmed back in between, as `models.TwoPassCall` does).
+    call does (linked by the selection's relay, `models.make_relay`; with the two-pass
+    selections each call cut into `models.two_pass_pieces` and a piece past F run
+    twice, the caches trimmed back in between, as `models.TwoPassCall` does).
     Returns each layer's outputs and cache."""
     relay = make_relay(config)
     caches = [make_cache(config) for _ in layers]
@@ -64,6 +64,7 @@ def run_layers(layers, config, steps, scale=SCALE):
                 relay.replaying = False
                 forward(sl)
                 assert all(cache.trim(last - first) == last - first for cache in caches)
+                relay.between_passes(caches[0], last - first)
                 relay.replaying = True
             for index, out in enumerate(forward(sl)):
                 outputs[index].append(out)
@@ -232,28 +233,33 @@ def test_peak_selection_follows_the_most_peaked_layer_so_far(L, prefill, steps):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass", "two_pass_topk"])
+@pytest.mark.parametrize("selection", ["two_pass", "two_pass_topk", "two_pass_carry"])
 @pytest.mark.parametrize("L", [32, 56])
 @pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24)])
 def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(selection, L, prefill, steps):
-    """selection="two_pass" (or "two_pass_topk") over three layers, calls of one group
-    each (as `models.TwoPassCall` cuts them): in the second pass every layer's shared
-    chunks come from the pooled attention of the most peaked of all layers, by the
-    share of its top chunk (or of its top shared_slots chunks) (the numpy rule)."""
+    """selection="two_pass" (or "two_pass_topk", "two_pass_carry") over three layers,
+    calls of one group each (as `models.TwoPassCall` cuts them): in the second pass
+    every layer's shared chunks come from the pooled attention of the most peaked of
+    all layers, by the share of its top chunk (or of its top shared_slots chunks), or
+    with "two_pass_carry" from a more peaked group's within the chunk before (the
+    numpy rule)."""
     w, n = 8, 120
     config = LongHeadsConfig(w, L, selection=selection, prefill=prefill)
     top = config.shared_slots if selection == "two_pass_topk" else 1
+    carry = w if selection == "two_pass_carry" else None
     layers = [random_qkv(n, seed=20 + layer) for layer in range(3)]
     ends = np.cumsum(steps)
     call_of = np.searchsorted(ends, np.arange(n), side="right")
     group_of = None if prefill == "exact" else call_of
-    expected, gap = reference.peak_layers(layers, w, L, SCALE, BASE, group_of=group_of, whole_model=True, top=top)
+    expected, gap = reference.peak_layers(
+        layers, w, L, SCALE, BASE, group_of=group_of, whole_model=True, top=top, carry=carry
+    )
     assert gap > 1e-4
     for out, want in zip(run_layers(layers, config, steps)[0], expected):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["peak", "two_pass", "two_pass_topk"])
+@pytest.mark.parametrize("selection", ["peak", "two_pass", "two_pass_topk", "two_pass_carry"])
 def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
     config = LongHeadsConfig(8, 32, selection=selection)
@@ -345,6 +351,26 @@ def test_two_pass_topk_measures_a_layer_by_all_the_chunks_it_shares(monkeypatch,
     for layer_slots in slots[-2:]:  # the second pass's layers at the last token
         for chunk in shared_chunks:
             assert (layer_slots[0, :, -1] == chunk).any(axis=-1).all()
+
+
+@pytest.mark.parametrize("selection, keeps", [("two_pass", False), ("two_pass_carry", True)])
+def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypatch, selection, keeps):
+    """The query before the last (a question's last token) attends to the needle's
+    chunk, the last one (an answer's token) nearly uniformly, its pooled attention
+    ranking another chunk first: "two_pass_carry" gives every head the needle's chunk
+    at the last token too, "two_pass" the last token's own choice."""
+    w, L, n, needle = 8, 32, 96, 5
+    q, k, v = layer_attending_to([needle], 8, w, n, seed=30)
+    q[:, n - 2] = q[:, n - 1]
+    q[:, n - 1] = random_qkv(n, seed=31)[0][:, n - 1] * 0.01
+    own = reference.pooled_mass(q[:, n - 1], k, (n - 1) // w, w, SCALE, BASE)
+    question = reference.pooled_mass(q[:, n - 2], k, (n - 2) // w, w, SCALE, BASE)
+    assert 1 + np.argmax(own) != needle and 1 + np.argmax(question) == needle
+    assert question.max() / question.sum() > 2 * own.max() / own.sum()
+    slots = recorded_pooled_slots(monkeypatch)
+    run_layers([(q, k, v)], LongHeadsConfig(w, L, selection=selection), [1] * n)
+    last = slots[-1][0, :, -1]  # the second pass at the last token: [H, k]
+    assert (last == needle).any(axis=-1).all() == keeps
 
 
 @settings(max_examples=60, deadline=None)
