@@ -72,8 +72,9 @@ class TwoPassCall:
 
     Each group of queries past F goes through the model twice: the first pass selects
     as "peak" and leaves the most peaked layer's pooled attention in the
-    `TwoPassRelay`; the cache is trimmed back and the second pass, whose keys, values
-    and logits are kept, gives every layer that layer's shared chunks. A group's
+    `TwoPassRelay`; the cache is trimmed back (and the relay told, `between_passes`)
+    and the second pass, whose keys, values and logits are kept, gives every layer
+    that layer's shared chunks. A group's
     second pass must read the second-pass keys of the groups before it, so a call is
     cut into one piece per group (a chunk, or a token with prefill "exact") past F:
     a prompt prefilled in one call is computed as when fed one group per call.
