@@ -152,11 +152,13 @@ def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongH
 
 def make_relay(config: LongHeadsConfig) -> Optional[PeakRelay]:
     """The link between a model's layers that the selection needs (None: unlinked)."""
-    if config.selection == "two_pass_topk":
-        return TwoPassTopKRelay(config.shared_slots)
-    if config.selection == "two_pass_carry":
-        return CarryRelay(config.shared_slots, config.chunk_size)
-    return {"peak": PeakRelay, "two_pass": TwoPassRelay}.get(config.selection, lambda: None)()
+    relays = {
+        "peak": PeakRelay,
+        "two_pass": TwoPassRelay,
+        "two_pass_topk": lambda: TwoPassTopKRelay(config.shared_slots),
+        "two_pass_carry": lambda: CarryRelay(config.shared_slots, config.chunk_size),
+    }
+    return relays[config.selection]() if config.selection in relays else None
 
 
 def apply_longheads(
