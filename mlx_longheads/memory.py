@@ -28,8 +28,8 @@ def kv_element_bytes(itemsize: int, longheads: Optional[LongHeadsConfig]) -> flo
 
 
 def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConfig]) -> int:
-    """Keys and values (plus LongHeads' representations and 1 + UNDO_CHUNKS chunks of
-    queries)."""
+    """Keys and values (plus LongHeads' representations, 1 + UNDO_CHUNKS chunks of
+    queries and, with "two_pass_carry", layer 0's noted choices: float32 per token)."""
     args = model.args
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
     head_dim = model_head_dim(args)
@@ -41,7 +41,10 @@ def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConf
         w = longheads.chunk_size
         per_token += heads * head_dim / w * itemsize
         extra = (1 + UNDO_CHUNKS) * heads * w * head_dim * itemsize
-    return int(len(model.layers) * (per_token * tokens + extra))
+    choices = 0
+    if longheads is not None and longheads.selection == "two_pass_carry":
+        choices = tokens * (1 + longheads.shared_slots) * 4
+    return int(len(model.layers) * (per_token * tokens + extra) + choices)
 
 
 def available_bytes() -> int:

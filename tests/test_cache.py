@@ -129,6 +129,17 @@ def test_kv_bits_8_stores_a_quarter_of_float32_plus_scales_and_biases():
     assert kv8.nbytes - representations_and_queries == float_kv * (8 + 64 / 32) / 32
 
 
+def test_two_pass_carry_notes_a_row_per_token_in_layer_0_and_counts_it():
+    """Past F, layer 0's cache notes each token's choice (a share and the shared
+    chunks, float32); the other layers note nothing; the memory check counts it."""
+    config = replace(CONFIG, selection="two_pass_carry")
+    model, resolved = longheads_model(max_size=203, config=config)
+    cache = fill(model, 203)
+    assert cache[0].choices.shape == (1, 208, 1 + resolved.shared_slots)
+    assert all(c.choices is None for c in cache[1:])
+    assert cache_bytes(model, 208, resolved) == sum(c.nbytes for c in cache)
+
+
 def test_representations_count_equals_complete_chunks():
     model, _ = longheads_model()
     cache = model.make_cache()
