@@ -48,7 +48,7 @@ from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_by
 from .models import apply_longheads, head_dim, longheads_config, make_cache, make_relay, with_two_pass
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
-    "longheads": LongHeadsConfig(),  # the default: two_pass, each group twice past F
+    "longheads": LongHeadsConfig(),  # the default: two_pass_carry, each group twice past F
     "longheads-pooled": LongHeadsConfig(selection="pooled"),
     "longheads-head": LongHeadsConfig(selection="query_head"),  # each query head selects
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
@@ -415,8 +415,8 @@ def markdown(report: dict, command: str) -> str:
     ]
     if report["kind"] == "kernel":
         lines.append(
-            "The linked selections (peak, two_pass) run as one layer linked to itself: one "
-            "pass; two_pass makes two per token past F (the model-level bench times both)."
+            "The linked selections (peak, the two-pass ones) run as one layer linked to itself: one "
+            "pass; the two-pass ones make two per token past F (the model-level bench times both)."
         )
     if report["kind"] == "model":
         s = report["shapes"]

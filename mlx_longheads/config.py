@@ -30,20 +30,19 @@ class LongHeadsConfig:
       attends to all of them (stock attention); past it, each head selects. At least
       attention_length (which is the paper's threshold), at most the trained length.
       None: the trained length, so inside it LongHeads answers what the model does.
-    selection: "two_pass" (the default) runs each group of queries past F through the
-      model twice: the first pass selects as "peak", the second gives every layer's
-      shared slots the chunks of the whole first pass's most peaked layer
-      (`longheads.TwoPassRelay`). Twice the compute past F, and the best measured on
-      natural-text retrieval past the trained length (README, "Questions about real
-      text"). "two_pass_topk": as "two_pass", but the most peaked layer is the one whose
-      top chunks, as many as it shares, hold the largest share of its pooled attention
-      (`longheads.TwoPassTopKRelay`; "two_pass" measures its top chunk alone).
-      "two_pass_carry": as "two_pass", but a group's second pass keeps the choice of
-      an earlier group's first pass within the chunk_size tokens before it where that
-      was more peaked than its own (`longheads.CarryRelay`): a question's choice carries
-      into the answer's tokens. "peak":
-      one pass, every layer's shared slots following the most peaked pooled attention
-      of the layers so far in the forward call (`longheads.PeakRelay`).
+    selection: "two_pass_carry" (the default) runs each group of queries past F through
+      the model twice: the first pass selects as "peak", the second gives every layer's
+      shared slots the chunks of the whole first pass's most peaked layer, or those of an
+      earlier group's within the chunk_size tokens before it where that was more peaked
+      (`longheads.CarryRelay`): a question's choice carries into the answer's tokens.
+      Twice the compute past F, and the best measured on natural-text retrieval past
+      the trained length (README, "Questions about real text"). "two_pass": without the
+      carry (`longheads.TwoPassRelay`). "two_pass_topk": as "two_pass", but the most
+      peaked layer is the one whose top chunks, as many as it shares, hold the largest
+      share of its pooled attention (`longheads.TwoPassTopKRelay`; "two_pass" measures
+      its top chunk alone). "peak": one pass, every layer's shared slots following the
+      most peaked pooled attention of the layers so far in the forward call
+      (`longheads.PeakRelay`).
       "pooled" fills half the retrieved slots (rounded up) with the chunks the layer's
       heads attend to most together, the rest per query head. "query_head" picks chunks
       per query head (the paper's rule); "kv_head" sums the scores of a GQA group and
@@ -59,7 +58,7 @@ class LongHeadsConfig:
 
     chunk_size: Optional[int] = None
     attention_length: Optional[int] = None
-    selection: Selection = "two_pass"
+    selection: Selection = "two_pass_carry"
     prefill: Prefill = "grouped"
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None

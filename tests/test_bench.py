@@ -56,7 +56,7 @@ def test_kernel_bench_reports_bytes_and_bandwidth(tmp_path, monkeypatch):
     rows = {(r["context"], r["method"]): r for r in report["results"]}
     assert len(rows) == 6
     # Full attention reads the whole cache; LongHeads its k chunks per selecting head, and
-    # the default (two_pass, one pass here) every key once more for the layer's attention.
+    # the default (two_pass_carry, one pass here) every key once more for the layer's attention.
     assert rows[512, "full"]["decode_bytes"] > rows[256, "full"]["decode_bytes"]
     assert rows[512, "longheads-head"]["decode_bytes"] < rows[512, "longheads"]["decode_bytes"]
     assert all(r["decode_gb_per_s"] > 0 and r["prefill_gb_per_s"] > 0 for r in rows.values())
@@ -72,12 +72,12 @@ def test_a_filled_cache_continues_like_a_prefilled_one():
 
 
 def test_switching_methods_switches_attention_and_the_two_pass_call():
-    """The model bench switches one model between methods: "two_pass" mixes its call into
-    the model's class once, and stock attention takes it out again."""
+    """The model bench switches one model between methods: the default (two_pass_carry)
+    mixes its call into the model's class once, and stock attention takes it out again."""
     model = tiny_model("llama")
     stock, own_class = [layer.self_attn for layer in model.layers], type(model)
     for _ in range(2):
-        bench.use_method(model, stock, bench.METHODS["longheads"])  # the default: two_pass
+        bench.use_method(model, stock, bench.METHODS["longheads"])  # the default: two_pass_carry
         assert type(model).__bases__ == (TwoPassCall, own_class)
     bench.use_method(model, stock, bench.METHODS["longheads-pooled"])
     assert type(model) is own_class

@@ -85,7 +85,7 @@ def test_samples_are_deterministic(tokenizer):
 def test_method_names_are_canonical():
     flags, trained = LongHeadsConfig(), 8192
     names = [m.name for m in evaluation.parse_methods("longheads:L=2048,w=128,full,window", flags, trained)]
-    assert names == ["longheads:L=2048,w=128,sel=two_pass,prefill=grouped,F=8192", "full", "window:L=2048"]
+    assert names == ["longheads:L=2048,w=128,sel=two_pass_carry,prefill=grouped,F=8192", "full", "window:L=2048"]
     same = evaluation.parse_methods("longheads,longheads:L=2048,w=256,F=8192", flags, trained)
     assert len(same) == 1
     # F = L, the paper's threshold, keeps the name the results had before F existed.
@@ -93,7 +93,7 @@ def test_method_names_are_canonical():
     assert [m.name for m in paper] == ["longheads:L=2048,w=256,sel=pooled,prefill=grouped"]
     ablation = [m.name for m in evaluation.parse_methods("ablation", flags, trained)]
     for length in (2048, 4096, 6144):  # a quarter, half and three quarters of the trained length
-        assert f"longheads:L={length},w=256,sel=two_pass,prefill=grouped,F=8192" in ablation
+        assert f"longheads:L={length},w=256,sel=two_pass_carry,prefill=grouped,F=8192" in ablation
     assert "longheads:L=2048,w=256,sel=query_head,prefill=grouped,F=8192,forced=prev" in ablation
     designs = [m.name for m in evaluation.parse_methods("designs", flags, trained)]
     assert designs == [
@@ -117,7 +117,7 @@ def test_method_names_are_canonical():
 def test_quantized_kv_methods_are_named_apart_from_float():
     flags, trained = LongHeadsConfig(), 8192
     methods = evaluation.parse_methods("longheads,longheads:kv=8,longheads:kv=4,longheads:kv=4,kvg=32", flags, trained, 64)
-    float_name = "longheads:L=2048,w=256,sel=two_pass,prefill=grouped,F=8192"
+    float_name = "longheads:L=2048,w=256,sel=two_pass_carry,prefill=grouped,F=8192"
     assert [m.name for m in methods] == [float_name, float_name + ",kv=8", float_name + ",kv=4", float_name + ",kv=4,kvg=32"]
     assert [(m.config.kv_bits, m.config.kv_group_size) for m in methods] == [(None, None), (8, 64), (4, 64), (4, 32)]
     # The default group spelled out is the same method; so are the files.
@@ -207,7 +207,7 @@ def test_quantized_kv_runs_write_their_own_results(tmp_path, fake_model, monkeyp
     evaluation.main(["passkey", "--lengths", "1k", "--samples", "1", "--methods", "longheads,longheads:kv=4,kvg=32",
                      "--output", str(tmp_path)])
     assert [(c.kv_bits, c.kv_group_size) for c in loaded if c is not None] == [(None, None), (4, 32)]
-    name = "longheads:L=2048,w=256,sel=two_pass,prefill=grouped,F=8192"
+    name = "longheads:L=2048,w=256,sel=two_pass_carry,prefill=grouped,F=8192"
     for method in (name, name + ",kv=4,kvg=32"):
         assert json.loads(results_path(tmp_path, "passkey", method).read_text())["method"] == method
 
@@ -275,7 +275,7 @@ def test_the_command_line_runs_every_method_on_the_embedded_model(tmp_path):
     assert "[3/3]" in result.stderr
     report = (tmp_path / "report.md").read_text()
     nll = {}
-    for method in ("full", "window:L=64", "longheads:L=64,w=16,sel=two_pass,prefill=grouped"):
+    for method in ("full", "window:L=64", "longheads:L=64,w=16,sel=two_pass_carry,prefill=grouped"):
         assert f"| `{method}` |" in report
         record = json.loads(results_path(tmp_path, "perplexity", method).read_text())
         assert record["tokens"] == 160 and record["buckets"][0][3] == 159
