@@ -133,9 +133,9 @@ $python -m mlx_longheads.eval report --output results/eval
 
 # 2026-12-01, thirteenth session (issue 17): two_pass_carry (a group's second pass keeps the
 # most peaked first-pass choice of the chunk_size tokens before it), two_pass's misses first,
-# then the 16k needle grid's depths 10%-90% (0% and 100% not rerun: chunks every window
-# holds) and perplexity; one sample per process (scripts/eval_parallel.sh, two at a time),
-# merged with scripts/merge_eval_results.py:
+# then the 16k needle grid's samples 1-9 (every depth but 0% and 70%) and perplexity; one
+# sample per process (scripts/eval_parallel.sh, two at a time), merged with
+# scripts/merge_eval_results.py:
 $python -m mlx_longheads.eval needle --lengths 16k --samples 9 --first-sample 1 --methods longheads:sel=two_pass_carry --output results/eval
 $python -m mlx_longheads.eval needle --lengths 32k --samples 1 --first-sample 10 --methods longheads:sel=two_pass_carry --output results/eval
 for sample in 2 4 9; do  # two_pass's multikey misses
