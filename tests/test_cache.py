@@ -41,8 +41,9 @@ def fill(model, n):
 
 
 def test_memory_is_keys_values_representations_and_three_chunks_of_queries():
+    """Per layer; layer 0 also notes the default selection's choices (below)."""
     n = 203
-    cache = fill(longheads_model(max_size=n)[0], n)[0]
+    cache = fill(longheads_model(max_size=n)[0], n)[1]
     B, Hk, H, D, w = 1, 2, 4, 16, 8
     capacity = 208  # n rounded up to whole chunks
     kv = 2 * B * Hk * capacity * D * 4
@@ -119,7 +120,7 @@ def test_kv_bits_8_stores_a_quarter_of_float32_plus_scales_and_biases():
         model, resolved = quantizable_model(config, max_size=n)
         caches[config.kv_bits] = fill(model, n)
         assert cache_bytes(model, 208, resolved) == sum(c.nbytes for c in caches[config.kv_bits])
-    float32, kv8 = caches[None][0], caches[8][0]
+    float32, kv8 = caches[None][1], caches[8][1]  # layer 1: no noted choices
     assert kv8.bits == 8 and kv8.group_size == 32 and kv8.capacity == 208
     representations_and_queries = sum(
         a.nbytes for a in (float32.representations, float32.queries, float32.undo_queries)
