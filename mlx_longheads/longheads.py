@@ -108,6 +108,16 @@ def window_of(retrieved: mx.array, own: mx.array) -> mx.array:
     return mx.concatenate([first, retrieved, ends.astype(mx.uint32)], axis=-1)
 
 
+def top_chunks(scores: mx.array, count: int) -> mx.array:
+    """The indices of the `count` largest scores along the last axis, in no order."""
+    return mx.argpartition(-scores, kth=count - 1, axis=-1)[..., :count]
+
+
+def chunk_mask(chunks: mx.array, n_chunks: int) -> mx.array:
+    """[..., n_chunks]: whether each chunk is among `chunks` [..., s]."""
+    return (chunks[..., None] == mx.arange(n_chunks)).any(axis=-2)
+
+
 def select_chunks(
     query_sums: mx.array,
     representations: mx.array,
@@ -130,8 +140,7 @@ def select_chunks(
         B, H, G, C = scores.shape
         scores = scores.reshape(B, n_kv_heads, H // n_kv_heads, G, C).sum(axis=2)
     scores = mx.where(candidate_chunks(scores.shape[-1], own), scores, -mx.inf)
-    top = mx.argpartition(-scores, kth=k - 4, axis=-1)[..., : k - 3]
-    return window_of(top, own)
+    return window_of(top_chunks(scores, k - 3), own)
 
 
 def pooled_attention(
@@ -182,14 +191,13 @@ def select_chunks_pooled(
     retrieved = k - 3
     allowed = candidate_chunks(C, own)  # [G, C]
     pooled = mx.where(allowed, pooled, -mx.inf)
-    layer_top = mx.argpartition(-pooled, kth=shared - 1, axis=-1)[..., :shared]  # [B, G, s]
-    chosen = (layer_top[..., None] == mx.arange(C)).any(axis=-2)  # [B, G, C]
+    layer_top = top_chunks(pooled, shared)  # [B, G, s]
+    chosen = chunk_mask(layer_top, C)  # [B, G, C]
     top = mx.broadcast_to(layer_top[:, None], (B, H, G, shared))
     if retrieved > shared:
         scores = query_sums @ representations.astype(query_sums.dtype).swapaxes(-1, -2)
         scores = mx.where(allowed & ~chosen[:, None], scores, -mx.inf)
-        own_top = mx.argpartition(-scores, kth=retrieved - shared - 1, axis=-1)
-        top = mx.concatenate([top, own_top[..., : retrieved - shared]], axis=-1)
+        top = mx.concatenate([top, top_chunks(scores, retrieved - shared)], axis=-1)
     return window_of(top, own)
 
 
@@ -298,10 +306,10 @@ class CarryRelay(TwoPassRelay):
     def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
         ((pooled, share),) = self.best.values()  # one group per piece past F
         pooled, share = pooled[:, 0], share[:, 0]  # [B, C], [B]
-        chunks = mx.argpartition(-pooled, kth=self.shared - 1, axis=-1)[:, : self.shared]
+        chunks = top_chunks(pooled, self.shared)
         cache.record_choice(cache.offset, tokens, share, chunks)
         carried_share, carried_chunks = cache.recent_choice(cache.offset, self.span)
-        carried = (mx.arange(pooled.shape[-1]) == carried_chunks[..., None]).any(axis=-2)
+        carried = chunk_mask(carried_chunks, pooled.shape[-1])
         keep = carried_share > share
         pooled = mx.where(keep[:, None], carried.astype(pooled.dtype), pooled)
         self.best = {0: (pooled[:, None], mx.maximum(share, carried_share)[:, None])}
