@@ -3,9 +3,11 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry"]
-SELECTIONS = ("query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry")
-TWO_PASS_SELECTIONS = ("two_pass", "two_pass_topk", "two_pass_carry")
+Selection = Literal[
+    "query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"
+]
+SELECTIONS = ("query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse")
+TWO_PASS_SELECTIONS = ("two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse")
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
@@ -36,7 +38,11 @@ class LongHeadsConfig:
       earlier group's within the chunk_size tokens before it where that was more peaked
       (`longheads.CarryRelay`): a question's choice carries into the answer's tokens.
       Twice the compute past F, and the best measured on natural-text retrieval past
-      the trained length (README, "Questions about real text"). "two_pass": without the
+      the trained length (README, "Questions about real text"). "two_pass_reuse": as
+      "two_pass_carry", but a group of one query (a decoded token) with a choice noted
+      in the chunk_size tokens before it takes that choice without a first pass
+      (`longheads.ReuseRelay`): decoding reads every key once per chunk_size + 1
+      tokens, not at every token. "two_pass": without the
       carry (`longheads.TwoPassRelay`). "two_pass_topk": as "two_pass", but the most
       peaked layer is the one whose top chunks, as many as it shares, hold the largest
       share of its pooled attention (`longheads.TwoPassTopKRelay`; "two_pass" measures
@@ -84,6 +90,11 @@ class LongHeadsConfig:
     def runs_twice(self) -> bool:
         """Whether each group of queries past F goes through the model twice."""
         return self.selection in TWO_PASS_SELECTIONS
+
+    @property
+    def notes_choices(self) -> bool:
+        """Whether layer 0's cache notes each group's choice (`CarryRelay`)."""
+        return self.selection in ("two_pass_carry", "two_pass_reuse")
 
     @property
     def shared_slots(self) -> int:

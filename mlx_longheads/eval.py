@@ -41,7 +41,7 @@ DEFAULT_FORCED = "first+prev"
 SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
-    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak|two_pass|two_pass_topk|two_pass_carry,prefill=grouped|exact,F=..,"
+    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak|two_pass|two_pass_topk|two_pass_carry|two_pass_reuse,prefill=grouped|exact,F=..,"
     "score=raw|rotated,forced=first+prev|first|prev,kv=8|4,kvg=32|64|128], full, window[:L=..], "
     "or the presets baselines, ablation and designs"
 )
@@ -157,6 +157,7 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
             "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
             f"longheads:sel=pooled,F={quarter}", "longheads:sel=pooled", "longheads:sel=peak",
             "longheads:sel=two_pass", "longheads:sel=two_pass_topk", "longheads:sel=two_pass_carry",
+            "longheads:sel=two_pass_reuse",
         ],
     }
 

@@ -256,6 +256,11 @@ class TwoPassRelay(PeakRelay):
             return self.best[block][0]
         return super().most_peaked(layer, block, pooled)
 
+    def first_pass_needed(self, cache: LongHeadsCache, tokens: int) -> bool:
+        """Whether the group of `tokens` queries after the cache's offset runs its
+        first pass (asked before it, at the model's call): "two_pass" always does."""
+        return True
+
     def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
         """Called between a group's two passes (the cache trimmed back to its start):
         "two_pass" keeps nothing across groups."""
@@ -313,6 +318,36 @@ class CarryRelay(TwoPassRelay):
         keep = carried_share > share
         pooled = mx.where(keep[:, None], carried.astype(pooled.dtype), pooled)
         self.best = {0: (pooled[:, None], mx.maximum(share, carried_share)[:, None])}
+
+
+class ReuseRelay(CarryRelay):
+    """What the "two_pass_reuse" selection carries: "two_pass_carry"'s, and a decoded
+    token takes a recent choice instead of making its own.
+
+    A first pass reads every key in every layer (`pooled_attention`): with it at every
+    token, decoding costs what stock attention does and grows with the context. The
+    answers two_pass_carry won kept the question's choice. So a group of one query (a
+    decoded token, or a prompt's single last token) whose `span` tokens before it hold
+    a noted choice skips its first pass and takes the most peaked of those; only a
+    group that ran its first pass notes one. Decoding then reads every key once per
+    span + 1 tokens, and a prompt, whose groups are chunks, always chooses for itself.
+    The host reads the notes before the call, not inside a layer.
+    """
+
+    def __init__(self, shared: int, span: int):
+        super().__init__(shared, span)
+        self.reusing = False
+
+    def first_pass_needed(self, cache: LongHeadsCache, tokens: int) -> bool:
+        self.reusing = tokens == 1 and cache.has_recent_choice(cache.offset, self.span)
+        return not self.reusing
+
+    def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
+        if not self.reusing:
+            return super().between_passes(cache, tokens)
+        share, chunks = cache.recent_choice(cache.offset, self.span)
+        candidates = (cache.offset + tokens) // cache.chunk_size  # the second pass's
+        self.best = {0: (chunk_mask(chunks, candidates)[:, None].astype(mx.float32), share[:, None])}
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:

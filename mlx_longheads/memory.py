@@ -29,7 +29,8 @@ def kv_element_bytes(itemsize: int, longheads: Optional[LongHeadsConfig]) -> flo
 
 def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConfig]) -> int:
     """Keys and values (plus LongHeads' representations, 1 + UNDO_CHUNKS chunks of
-    queries and, with "two_pass_carry", layer 0's noted choices: float32 per token)."""
+    queries and, with "two_pass_carry" or "two_pass_reuse", layer 0's noted choices:
+    float32 per token)."""
     args = model.args
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
     head_dim = model_head_dim(args)
@@ -42,7 +43,7 @@ def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConf
         per_token += heads * head_dim / w * itemsize
         extra = (1 + UNDO_CHUNKS) * heads * w * head_dim * itemsize
     choices = 0
-    if longheads is not None and longheads.selection == "two_pass_carry":
+    if longheads is not None and longheads.notes_choices:
         choices = tokens * (1 + longheads.shared_slots) * 4
     return int(len(model.layers) * (per_token * tokens + extra) + choices)
 

@@ -13,7 +13,14 @@ import mlx.nn as nn
 
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
-from .longheads import CarryRelay, PeakRelay, TwoPassRelay, TwoPassTopKRelay, longheads_attention
+from .longheads import (
+    CarryRelay,
+    PeakRelay,
+    ReuseRelay,
+    TwoPassRelay,
+    TwoPassTopKRelay,
+    longheads_attention,
+)
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -77,7 +84,8 @@ class TwoPassCall:
     that layer's shared chunks. A group's
     second pass must read the second-pass keys of the groups before it, so a call is
     cut into one piece per group (a chunk, or a token with prefill "exact") past F:
-    a prompt prefilled in one call is computed as when fed one group per call.
+    a prompt prefilled in one call is computed as when fed one group per call. With
+    "two_pass_reuse" a decoded token may skip its first pass (`ReuseRelay`).
     """
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LongHeadsCache]] = None) -> mx.array:
@@ -85,20 +93,29 @@ class TwoPassCall:
         config, relay = self.layers[0].self_attn.config, self.two_pass_relay
         logits = []
         for first, last, twice in two_pass_pieces(config, cache[0].offset, inputs.shape[1]):
-            piece = inputs[:, first:last]
-            if twice:
-                relay.replaying = False
-                super().__call__(piece, cache=cache)
-                # Evaluated before the roll-back: no read of the first pass is pending
-                # when the second writes over its keys and values (no buffer copies).
-                mx.eval([best for best, _ in relay.best.values()], [c.buffers for c in cache])
-                for layer_cache in cache:
-                    layer_cache.trim(last - first)
-                relay.between_passes(cache[0], last - first)
-                relay.replaying = True
-            logits.append(super().__call__(piece, cache=cache))
-            relay.replaying = False
+            forward = partial(super().__call__, inputs[:, first:last], cache=cache)
+            logits.append(run_twice(forward, cache, relay, last - first) if twice else forward())
         return mx.concatenate(logits, axis=1)
+
+
+def run_twice(forward: Callable[[], Any], cache: List[LongHeadsCache], relay: TwoPassRelay, tokens: int) -> Any:
+    """One group's two passes through `forward` (the model's, or layers', call on its
+    `tokens` queries): the first, where the relay asks for it, then the cache rolled
+    back and the second, whose result is returned."""
+    if relay.first_pass_needed(cache[0], tokens):
+        relay.replaying = False
+        forward()
+        # Evaluated before the roll-back: no read of the first pass is pending
+        # when the second writes over its keys and values (no buffer copies).
+        mx.eval([best for best, _ in relay.best.values()], [c.buffers for c in cache])
+        for layer_cache in cache:
+            layer_cache.trim(tokens)
+    relay.between_passes(cache[0], tokens)
+    relay.replaying = True
+    try:
+        return forward()
+    finally:
+        relay.replaying = False
 
 
 def two_pass_pieces(config: LongHeadsConfig, start: int, tokens: int) -> List[Tuple[int, int, bool]]:
@@ -157,6 +174,7 @@ def make_relay(config: LongHeadsConfig) -> Optional[PeakRelay]:
         "two_pass": TwoPassRelay,
         "two_pass_topk": lambda: TwoPassTopKRelay(config.shared_slots),
         "two_pass_carry": lambda: CarryRelay(config.shared_slots, config.chunk_size),
+        "two_pass_reuse": lambda: ReuseRelay(config.shared_slots, config.chunk_size),
     }
     return relays[config.selection]() if config.selection in relays else None
 

@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--task", default="needle", choices=["needle", "multikey", "passkey"])
     parser.add_argument("--samples", default="5")
     parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--selection", default="two_pass", choices=["pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry"])
+    parser.add_argument("--selection", default="two_pass", choices=["pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"])
     parser.add_argument("--steps", type=int, default=8, help="tokens decoded")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()

@@ -113,7 +113,7 @@ def pooled_mass(q_newest, k, own, w, scale, base):
     return total
 
 
-def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top=1, carry=None):
+def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top=1, carry=None, reuse=False):
     """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under the "peak"
     selection: a group's shared chunks at layer l are the top of the pooled mass of the
     most peaked layer among 0..l (largest share of the mass on its `top` largest
@@ -122,8 +122,10 @@ def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top
     `top` = the shared slots). carry ("two_pass_carry", with whole_model): a span of
     tokens; a group takes the top shared chunks of an earlier group's most peaked layer
     instead of its own where that group's newest query is among the `carry` tokens
-    before its first and its share was larger (the largest such). Also returns the
-    smallest gap between two shares compared (how far from a tie)."""
+    before its first and its share was larger (the largest such); with reuse
+    ("two_pass_reuse"), a group of one query with such an earlier group takes its
+    chunks without choosing (or noting) its own. Also returns the smallest gap between
+    two shares compared (how far from a tie)."""
     gaps = [np.inf]
     masses = [
         lambda newest, q=q, k=k: pooled_mass(q[:, newest], k, newest // w, w, scale, base)
@@ -138,7 +140,7 @@ def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top
         return totals[best], shares[best]
 
     carried = {} if carry is None else carried_masses(
-        lambda newest: most_peaked(newest, len(layers) - 1), layers[0][0].shape[1], w, L, group_of, carry, gaps
+        lambda newest: most_peaked(newest, len(layers) - 1), layers[0][0].shape[1], w, L, group_of, carry, gaps, reuse
     )
     outputs = []
     for layer, (q, k, v) in enumerate(layers):
@@ -148,11 +150,13 @@ def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top
     return outputs, min(gaps)
 
 
-def carried_masses(most_peaked, n, w, L, group_of, span, gaps):
+def carried_masses(most_peaked, n, w, L, group_of, span, gaps, reuse=False):
     """{newest: mass} of the "two_pass_carry" rule for each group past the threshold
     (F = L), in order: its own most peaked mass, or the top shared chunks (as a mass of
-    1 each) of the most peaked earlier group whose newest query is among the `span`
-    tokens before its first, where that one's share is larger."""
+    1 each) of the most peaked earlier noted group whose newest query is among the
+    `span` tokens before its first, where that one's share is larger. With reuse
+    ("two_pass_reuse") a group of one query with such an earlier group takes its chunks
+    and is not noted."""
     group_of = np.arange(n) if group_of is None else np.asarray(group_of)
     shared = -(-(L // w - 3) // 2)
     noted, masses = {}, {}
@@ -161,13 +165,17 @@ def carried_masses(most_peaked, n, w, L, group_of, span, gaps):
         first, newest = members.min(), members.max()
         if newest // w < L // w:
             continue
+        earlier = [noted[p] for p in noted if first - span <= p < first]
+        carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
+        if reuse and len(members) == 1 and earlier:
+            masses[newest] = carried(max(earlier, key=lambda noted: noted[0])[1])
+            continue
         mass, share = most_peaked(newest)
         noted[newest] = (share, 1 + np.argsort(-mass, kind="stable")[:shared])
-        earlier = [noted[p] for p in noted if first - span <= p < first]
         if earlier:
             best_share, chunks = max(earlier, key=lambda noted: noted[0])
             gaps.append(abs(best_share - share))
             if best_share > share:
-                mass = np.isin(np.arange(1, len(mass) + 1), chunks).astype(float)
+                mass = carried(chunks)
         masses[newest] = mass
     return masses

@@ -65,9 +65,10 @@ def test_buffers_grow_by_steps_not_per_token():
     assert cache[0].keys.shape[2] == 4096  # grew by at least 2048 tokens at once
 
 
-@pytest.mark.parametrize("selection", ["two_pass", "two_pass_carry"])
+@pytest.mark.parametrize("selection", ["two_pass", "two_pass_carry", "two_pass_reuse"])
 def test_saved_prompt_cache_continues_generation_identically(tmp_path, selection):
-    """With "two_pass_carry" the choices noted in the cache carry over too."""
+    """With "two_pass_carry" and "two_pass_reuse" the choices noted in the cache carry
+    over too."""
     model, _ = longheads_model("qwen3", config=replace(CONFIG, selection=selection))
     text = prompt(150)
     cache = model.make_cache()
@@ -88,7 +89,7 @@ def test_saved_prompt_cache_continues_generation_identically(tmp_path, selection
     np.testing.assert_allclose(continue_from(loaded), continue_from(cache), atol=1e-4)
 
 
-@pytest.mark.parametrize("selection", ["query_head", "pooled", "peak", "two_pass", "two_pass_carry"])
+@pytest.mark.parametrize("selection", ["query_head", "pooled", "peak", "two_pass", "two_pass_carry", "two_pass_reuse"])
 def test_decoding_holds_no_memory_per_token(selection):
     """mlx-lm's generate loop evaluates only the logits. The queries, kept queries and
     representations a step writes must be evaluated with them: an unevaluated write
@@ -130,10 +131,11 @@ def test_kv_bits_8_stores_a_quarter_of_float32_plus_scales_and_biases():
     assert kv8.nbytes - representations_and_queries == float_kv * (8 + 64 / 32) / 32
 
 
-def test_two_pass_carry_notes_a_row_per_token_in_layer_0_and_counts_it():
+@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse"])
+def test_noted_choices_take_a_row_per_token_in_layer_0_and_are_counted(selection):
     """Past F, layer 0's cache notes each token's choice (a share and the shared
     chunks, float32); the other layers note nothing; the memory check counts it."""
-    config = replace(CONFIG, selection="two_pass_carry")
+    config = replace(CONFIG, selection=selection)
     model, resolved = longheads_model(max_size=203, config=config)
     cache = fill(model, 203)
     assert cache[0].choices.shape == (1, 208, 1 + resolved.shared_slots)
@@ -221,7 +223,7 @@ def log_probabilities(model, cache, tokens) -> np.ndarray:
 EXACT_CUTS = [(150, 1), (150, 5), (150, 12), (144, 40)]
 
 
-@pytest.mark.parametrize("selection", ["two_pass", "two_pass_carry"])
+@pytest.mark.parametrize("selection", ["two_pass", "two_pass_carry", "two_pass_reuse"])
 @pytest.mark.parametrize("kept, trimmed", EXACT_CUTS)
 def test_trimmed_tokens_are_undone_exactly(kept, trimmed, selection):
     """Feed A then B, trim B, feed C: the same log-probabilities for C as feeding A then

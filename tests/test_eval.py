@@ -106,6 +106,7 @@ def test_method_names_are_canonical():
         "longheads:L=2048,w=256,sel=two_pass,prefill=grouped,F=8192",
         "longheads:L=2048,w=256,sel=two_pass_topk,prefill=grouped,F=8192",
         "longheads:L=2048,w=256,sel=two_pass_carry,prefill=grouped,F=8192",
+        "longheads:L=2048,w=256,sel=two_pass_reuse,prefill=grouped,F=8192",
     ]
     bad_methods = ("sparse", "longheads:x=1", "longheads:L=big", "window:w=3", "longheads:score=odd",
                    "longheads:sel=pooled,score=rotated", "longheads:F=1024")

@@ -17,7 +17,7 @@ from mlx_longheads.longheads import (
     rotate_in_chunks,
     select_chunks,
 )
-from mlx_longheads.models import make_cache, make_relay, two_pass_pieces
+from mlx_longheads.models import make_cache, make_relay, run_twice, two_pass_pieces
 
 import reference
 
@@ -39,7 +39,7 @@ def run_layers(layers, config, steps, scale=SCALE):
     the given sizes, each call going through the layers in order as a model's forward
     call does (linked by the selection's relay, `models.make_relay`; with the two-pass
     selections each call cut into `models.two_pass_pieces` and a piece past F run
-    twice, the caches trimmed back in between, as `models.TwoPassCall` does).
+    twice by `models.run_twice`, as `models.TwoPassCall` does).
     Returns each layer's outputs and cache."""
     relay = make_relay(config)
     caches = [make_cache(config) for _ in layers]
@@ -59,17 +59,9 @@ def run_layers(layers, config, steps, scale=SCALE):
     for size in steps:
         pieces = two_pass_pieces(config, start, size) if config.runs_twice else [(0, size, False)]
         for first, last, twice in pieces:
-            sl = slice(start + first, start + last)
-            if twice:
-                relay.replaying = False
-                forward(sl)
-                assert all(cache.trim(last - first) == last - first for cache in caches)
-                relay.between_passes(caches[0], last - first)
-                relay.replaying = True
-            for index, out in enumerate(forward(sl)):
+            call = partial(forward, slice(start + first, start + last))
+            for index, out in enumerate(run_twice(call, caches, relay, last - first) if twice else call()):
                 outputs[index].append(out)
-            if twice:
-                relay.replaying = False
         start += size
     return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs], caches
 
@@ -233,7 +225,7 @@ def test_peak_selection_follows_the_most_peaked_layer_so_far(L, prefill, steps):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass", "two_pass_topk", "two_pass_carry"])
+@pytest.mark.parametrize("selection", ["two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"])
 @pytest.mark.parametrize("L", [32, 56])
 @pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24)])
 def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(selection, L, prefill, steps):
@@ -241,25 +233,27 @@ def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(sele
     calls of one group each (as `models.TwoPassCall` cuts them): in the second pass
     every layer's shared chunks come from the pooled attention of the most peaked of
     all layers, by the share of its top chunk (or of its top shared_slots chunks), or
-    with "two_pass_carry" from a more peaked group's within the chunk before (the
-    numpy rule)."""
+    with "two_pass_carry" from a more peaked group's within the chunk before, with
+    "two_pass_reuse" too, and a group of one query with such a choice takes it without
+    its own (the numpy rule)."""
     w, n = 8, 120
     config = LongHeadsConfig(w, L, selection=selection, prefill=prefill)
     top = config.shared_slots if selection == "two_pass_topk" else 1
-    carry = w if selection == "two_pass_carry" else None
+    carry = w if selection in ("two_pass_carry", "two_pass_reuse") else None
     layers = [random_qkv(n, seed=20 + layer) for layer in range(3)]
     ends = np.cumsum(steps)
     call_of = np.searchsorted(ends, np.arange(n), side="right")
     group_of = None if prefill == "exact" else call_of
     expected, gap = reference.peak_layers(
-        layers, w, L, SCALE, BASE, group_of=group_of, whole_model=True, top=top, carry=carry
+        layers, w, L, SCALE, BASE, group_of=group_of, whole_model=True, top=top, carry=carry,
+        reuse=selection == "two_pass_reuse",
     )
     assert gap > 1e-4
     for out, want in zip(run_layers(layers, config, steps)[0], expected):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["peak", "two_pass", "two_pass_topk", "two_pass_carry"])
+@pytest.mark.parametrize("selection", ["peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"])
 def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
     config = LongHeadsConfig(8, 32, selection=selection)
@@ -353,12 +347,12 @@ def test_two_pass_topk_measures_a_layer_by_all_the_chunks_it_shares(monkeypatch,
             assert (layer_slots[0, :, -1] == chunk).any(axis=-1).all()
 
 
-@pytest.mark.parametrize("selection, keeps", [("two_pass", False), ("two_pass_carry", True)])
+@pytest.mark.parametrize("selection, keeps", [("two_pass", False), ("two_pass_carry", True), ("two_pass_reuse", True)])
 def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypatch, selection, keeps):
-    """The query before the last (a question's last token) attends to the needle's
-    chunk, the last one (an answer's token) nearly uniformly, its pooled attention
-    ranking another chunk first: "two_pass_carry" gives every head the needle's chunk
-    at the last token too, "two_pass" the last token's own choice."""
+    """A prompt whose last query (a question's last token) attends to the needle's
+    chunk, then a decoded token attending nearly uniformly, its pooled attention
+    ranking another chunk first: "two_pass_carry" and "two_pass_reuse" give every head
+    the needle's chunk at the decoded token too, "two_pass" that token's own choice."""
     w, L, n, needle = 8, 32, 96, 5
     q, k, v = layer_attending_to([needle], 8, w, n, seed=30)
     q[:, n - 2] = q[:, n - 1]
@@ -368,9 +362,25 @@ def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypa
     assert 1 + np.argmax(own) != needle and 1 + np.argmax(question) == needle
     assert question.max() / question.sum() > 2 * own.max() / own.sum()
     slots = recorded_pooled_slots(monkeypatch)
-    run_layers([(q, k, v)], LongHeadsConfig(w, L, selection=selection), [1] * n)
+    run_layers([(q, k, v)], LongHeadsConfig(w, L, selection=selection), [n - 1, 1])
     last = slots[-1][0, :, -1]  # the second pass at the last token: [H, k]
     assert (last == needle).any(axis=-1).all() == keeps
+
+
+def test_two_pass_reuse_runs_a_first_pass_per_prompt_chunk_and_per_chunk_of_decoded_tokens(monkeypatch):
+    """"two_pass_reuse": each chunk of a prompt past F runs its first pass, whose layers
+    measure their pooled attention over every key (the second pass replays the choice:
+    its pooled attention is never evaluated); a decoded token does only where no choice
+    was noted in the chunk_size tokens before it, so once per chunk_size + 1 tokens."""
+    w, L, prompt, decoded = 8, 32, 64, 27
+    calls, measure = [], longheads.PeakRelay.peakedness
+    monkeypatch.setattr(longheads.PeakRelay, "peakedness", lambda *a: calls.append(1) or measure(*a))
+    config = LongHeadsConfig(w, L, selection="two_pass_reuse")
+    layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(2)]
+    run_layers(layers, config, [prompt] + [1] * decoded)
+    chunks_past_f = (prompt - L) // w
+    first_passes = chunks_past_f + decoded // (w + 1)  # decoded tokens 9, 18, 27 choose
+    assert len(calls) == len(layers) * first_passes
 
 
 @settings(max_examples=60, deadline=None)

@@ -51,12 +51,14 @@ def test_below_attention_length_generate_step_equals_stock(arch):
 
 @pytest.mark.parametrize("n", [63, 64, 65, 95, 96, 97, 130])
 @pytest.mark.parametrize(
-    "selection", ["query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry"]
+    "selection",
+    ["query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"],
 )
 def test_exact_prefill_logits_equal_token_by_token_decode(arch, n, selection):
     """Past the threshold (F = L = 64), with the model's layers linked under "peak" and
     run twice per group under the two-pass selections ("two_pass_carry" reading the
-    choices noted in the cache by the tokens before)."""
+    choices noted in the cache by the tokens before, "two_pass_reuse" skipping the first
+    pass of a token that takes one)."""
     config = LongHeadsConfig(8, 64, selection=selection, prefill="exact", full_attention_length=64)
     model = longheads_copy(tiny_model(arch), config)
     x = tokens(n, seed=n)
