@@ -50,9 +50,8 @@ class LongHeadsCache(_BaseCache):
         # [B, H, u * w, D]: the last u <= UNDO_CHUNKS complete chunks' (None: u = 0)
         self.undo_queries: Optional[mx.array] = None
         # [B, capacity, 1 + s] (selections "two_pass_carry" and "two_pass_reuse", layer
-        # 0's cache only): per
-        # token, the choice of the group whose newest query it is, as `record_choice`
-        # writes it; share -1 where no group's newest query is.
+        # 0's cache only): per token, the choice of the group whose newest query it is,
+        # as `record_choice` writes it; share -1 where no group's newest query is.
         self.choices: Optional[mx.array] = None
         self.offset = 0
 

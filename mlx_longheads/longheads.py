@@ -313,11 +313,17 @@ class CarryRelay(TwoPassRelay):
         pooled, share = pooled[:, 0], share[:, 0]  # [B, C], [B]
         chunks = top_chunks(pooled, self.shared)
         cache.record_choice(cache.offset, tokens, share, chunks)
-        carried_share, carried_chunks = cache.recent_choice(cache.offset, self.span)
-        carried = chunk_mask(carried_chunks, pooled.shape[-1])
+        carried, carried_share = self.recent(cache, pooled.shape[-1])
         keep = carried_share > share
-        pooled = mx.where(keep[:, None], carried.astype(pooled.dtype), pooled)
+        pooled = mx.where(keep[:, None], carried, pooled)
         self.best = {0: (pooled[:, None], mx.maximum(share, carried_share)[:, None])}
+
+    def recent(self, cache: LongHeadsCache, n_chunks: int) -> Tuple[mx.array, mx.array]:
+        """The most peaked choice noted in the `span` tokens before the cache's offset,
+        as a pooled attention [B, n_chunks] (1 on its chunks, 0 elsewhere), and its
+        share [B] (-1 where none was noted)."""
+        share, chunks = cache.recent_choice(cache.offset, self.span)
+        return chunk_mask(chunks, n_chunks).astype(mx.float32), share
 
 
 class ReuseRelay(CarryRelay):
@@ -345,9 +351,8 @@ class ReuseRelay(CarryRelay):
     def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
         if not self.reusing:
             return super().between_passes(cache, tokens)
-        share, chunks = cache.recent_choice(cache.offset, self.span)
-        candidates = (cache.offset + tokens) // cache.chunk_size  # the second pass's
-        self.best = {0: (chunk_mask(chunks, candidates)[:, None].astype(mx.float32), share[:, None])}
+        carried, share = self.recent(cache, (cache.offset + tokens) // cache.chunk_size)
+        self.best = {0: (carried[:, None], share[:, None])}  # over the second pass's candidates
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:

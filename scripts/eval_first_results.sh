@@ -143,3 +143,21 @@ for sample in 2 4 9; do  # two_pass's multikey misses
 done
 $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:sel=two_pass_carry --output results/eval
 $python -m mlx_longheads.eval report --output results/eval
+
+# 2026-12-01, fourteenth session (issue 17): two_pass_carry's grids completed where they were
+# not rerun (needle 16k depths 0% and 70%; multikey 16k, two_pass's seven hits; passkey 16k
+# sample 0), and two_pass_reuse (a decoded token takes a choice noted within the chunk before
+# it without a first pass) on two_pass_carry's wins; one sample per process
+# (scripts/eval_parallel.sh, two at a time, plus one), merged with scripts/merge_eval_results.py:
+for sample in 0 10; do
+  $python -m mlx_longheads.eval needle --lengths 16k --samples 1 --first-sample $sample --methods longheads:sel=two_pass_carry --output results/eval
+done
+for sample in 0 1 3 5 6 7 8; do
+  $python -m mlx_longheads.eval multikey --lengths 16k --samples 1 --first-sample $sample --methods longheads:sel=two_pass_carry --output results/eval
+done
+$python -m mlx_longheads.eval passkey --lengths 16k --samples 1 --methods longheads:sel=two_pass_carry --output results/eval
+$python -m mlx_longheads.eval needle --lengths 16k --samples 1 --first-sample 5 --methods longheads:sel=two_pass_reuse --output results/eval
+for sample in 2 4; do
+  $python -m mlx_longheads.eval multikey --lengths 16k --samples 1 --first-sample $sample --methods longheads:sel=two_pass_reuse --output results/eval
+done
+$python -m mlx_longheads.eval report --output results/eval
