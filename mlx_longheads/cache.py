@@ -194,7 +194,7 @@ class LongHeadsCache(_BaseCache):
 
     def has_recent_choice(self, start: int, span: int) -> bool:
         """Whether a choice is noted at the `span` tokens before `start` (a host read)."""
-        if self.choices is None or start == 0:
+        if self.choices is None:
             return False
         return (self.choices[:, max(0, start - span) : start, 0] >= 0).any().item()
 

@@ -261,6 +261,11 @@ class TwoPassRelay(PeakRelay):
         first pass (asked before it, at the model's call): "two_pass" always does."""
         return True
 
+    def without_first_pass(self, cache: LongHeadsCache, tokens: int) -> None:
+        """Called instead of the first pass and `between_passes` where
+        `first_pass_needed` said no: leaves the second pass's choice."""
+        raise NotImplementedError(f"{type(self).__name__} always runs the first pass")
+
     def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
         """Called between a group's two passes (the cache trimmed back to its start):
         "two_pass" keeps nothing across groups."""
@@ -340,17 +345,10 @@ class ReuseRelay(CarryRelay):
     The host reads the notes before the call, not inside a layer.
     """
 
-    def __init__(self, shared: int, span: int):
-        super().__init__(shared, span)
-        self.reusing = False
-
     def first_pass_needed(self, cache: LongHeadsCache, tokens: int) -> bool:
-        self.reusing = tokens == 1 and cache.has_recent_choice(cache.offset, self.span)
-        return not self.reusing
+        return tokens > 1 or not cache.has_recent_choice(cache.offset, self.span)
 
-    def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
-        if not self.reusing:
-            return super().between_passes(cache, tokens)
+    def without_first_pass(self, cache: LongHeadsCache, tokens: int) -> None:
         carried, share = self.recent(cache, (cache.offset + tokens) // cache.chunk_size)
         self.best = {0: (carried[:, None], share[:, None])}  # over the second pass's candidates
 

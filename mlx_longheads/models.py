@@ -108,9 +108,11 @@ def run_twice(forward: Callable[[], Any], cache: List[LongHeadsCache], relay: Tw
         # Evaluated before the roll-back: no read of the first pass is pending
         # when the second writes over its keys and values (no buffer copies).
         mx.eval([best for best, _ in relay.best.values()], [c.buffers for c in cache])
-        for layer_cache in cache:
-            layer_cache.trim(tokens)
-    relay.between_passes(cache[0], tokens)
+        if [layer_cache.trim(tokens) for layer_cache in cache] != [tokens] * len(cache):
+            raise RuntimeError("the first pass could not be rolled back exactly")
+        relay.between_passes(cache[0], tokens)
+    else:
+        relay.without_first_pass(cache[0], tokens)
     relay.replaying = True
     try:
         return forward()
