@@ -51,12 +51,10 @@ from .models import apply_longheads, head_dim, longheads_config, make_cache, mak
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads": LongHeadsConfig(),  # the default: two_pass_carry, each group twice past F
-    "longheads-pooled": LongHeadsConfig(selection="pooled"),
     "longheads-head": LongHeadsConfig(selection="query_head"),  # each query head selects
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
-    "longheads-peak": LongHeadsConfig(selection="peak"),
     "longheads-reuse": LongHeadsConfig(selection="two_pass_reuse"),  # decoded tokens reuse a choice
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
@@ -247,8 +245,8 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
 
     Full attention reads the whole cache once (a lower bound for a prefill block);
     LongHeads reads, per group of queries sharing a selection, its window's chunks (and,
-    with the pooled, peak or two_pass selection, every key once per group, for the
-    layer's pooled attention; two_pass per pass).
+    with a two-pass selection, every key once per group and pass, for the layer's
+    pooled attention).
     """
     H, Hk, D, item = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["itemsize"]
     if method == "full":
@@ -260,7 +258,7 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
     groups = -(-tokens // w)
     window = 2 * selecting * k * w * D * kv_item * groups
     representations = H * (context // w) * D * item
-    pooled = Hk * context * D * kv_item * groups if config.pools else 0
+    pooled = Hk * context * D * kv_item * groups if config.runs_twice else 0
     return window + representations + pooled + written + H * tokens * D * item  # + queries kept
 
 
@@ -286,8 +284,8 @@ def kernel_bench(args) -> dict:
             if config is not None:
                 config = config.resolve(shape["trained_length"], D)
                 cache = make_cache(config)
-                # One layer linked to itself: a linked selection's cost per pass.
-                relay = partial(make_relay(config).most_peaked, 0) if config.links_layers else None
+                # One layer linked to itself: a two-pass selection's cost per pass.
+                relay = partial(make_relay(config).most_peaked, 0) if config.runs_twice else None
 
                 def attend(q, k, v):
                     return longheads_attention(q, k, v, cache, rope, scale, config, relay)
@@ -423,8 +421,8 @@ def markdown(report: dict, command: str) -> str:
     ]
     if report["kind"] == "kernel":
         lines.append(
-            "The linked selections (peak, the two-pass ones) run as one layer linked to itself: one "
-            "pass; the two-pass ones make two per token past F (the model-level bench times both)."
+            "The two-pass selections run as one layer linked to itself: one pass of the two they "
+            "make per token past F (the model-level bench times both)."
         )
     if report["kind"] == "model":
         s = report["shapes"]

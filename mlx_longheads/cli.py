@@ -31,14 +31,39 @@ def read_text(path: str) -> str:
         raise ValueError(f"{path} is not UTF-8 text: convert it (iconv -t UTF-8)")
 
 
+SELECTION_HELP = {
+    "two_pass_carry": "the default, the best answers measured",
+    "two_pass_reuse": "faster decode, some answers lost",
+    "query_head": "the paper's rule, per query head",
+    "kv_head": "the paper's rule, per KV head (GQA)",
+}
+
+
+class LineBreakHelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the line breaks of a flag's help, so a list of choices reads one a line."""
+
+    def _split_lines(self, text: str, width: int) -> list:
+        lines = []
+        for part in text.splitlines():
+            lines += super()._split_lines(part, width)
+        return lines
+
+
 def add_longheads_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of the context length and the LongHeads parameters (--kv-bits and
     --kv-group-size are the host tool's: mlx-lm's tools have them too)."""
+    parser.formatter_class = LineBreakHelpFormatter
     parser.add_argument("--max-context", type=parse_context_length, default=DEFAULT_MAX_CONTEXT, help="the longest prompt accepted: 32k, 128k, 131072, 1m (default 128k)")
     parser.add_argument("--attention", choices=["longheads", "full"], default="longheads", help="'full' runs mlx-lm's stock attention for comparison")
     parser.add_argument("--chunk-size", type=int, default=None)
     parser.add_argument("--attention-length", type=int, default=None)
-    parser.add_argument("--selection", choices=list(SELECTIONS), default=LongHeadsConfig.selection)
+    parser.add_argument(
+        "--selection",
+        choices=list(SELECTIONS),
+        default=LongHeadsConfig.selection,
+        help="how heads pick chunks past --full-attention-length:\n"
+        + "\n".join(f"{name}: {SELECTION_HELP[name]}" for name in SELECTIONS),
+    )
     parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
     parser.add_argument("--full-attention-length", type=int, default=None, help="prompts up to this many tokens get stock attention (default: the trained length; the paper's rule: --attention-length)")
 

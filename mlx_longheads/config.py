@@ -3,11 +3,12 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal[
-    "query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"
-]
-SELECTIONS = ("query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse")
-TWO_PASS_SELECTIONS = ("two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse")
+Selection = Literal["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"]
+SELECTIONS = ("two_pass_carry", "two_pass_reuse", "query_head", "kv_head")
+TWO_PASS_SELECTIONS = ("two_pass_carry", "two_pass_reuse")
+# Lost to two_pass_carry on every measured prompt and left the library on 2026-12-02
+# (docs/evaluation.md has their results and the commit that removed them).
+REMOVED_SELECTIONS = ("pooled", "peak", "two_pass", "two_pass_topk")
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
@@ -33,26 +34,18 @@ class LongHeadsConfig:
       attention_length (which is the paper's threshold), at most the trained length.
       None: the trained length, so inside it LongHeads answers what the model does.
     selection: "two_pass_carry" (the default) runs each group of queries past F through
-      the model twice: the first pass selects as "peak", the second gives every layer's
-      shared slots the chunks of the whole first pass's most peaked layer, or those of an
-      earlier group's within the chunk_size tokens before it where that was more peaked
+      the model twice: the first pass measures every layer's pooled attention (how much
+      of it the layer's heads give each chunk together), and in the second every layer's
+      shared slots hold the chunks of the most peaked layer, or those of an earlier
+      group's within the chunk_size tokens before it where that was more peaked
       (`longheads.CarryRelay`): a question's choice carries into the answer's tokens.
-      Twice the compute past F, and the best measured on natural-text retrieval past
-      the trained length (README, "Questions about real text"). "two_pass_reuse": as
-      "two_pass_carry", but a group of one query (a decoded token) with a choice noted
-      in the chunk_size tokens before it takes that choice without a first pass
-      (`longheads.ReuseRelay`): decoding reads every key once per chunk_size + 1
-      tokens, not at every token. "two_pass": without the
-      carry (`longheads.TwoPassRelay`). "two_pass_topk": as "two_pass", but the most
-      peaked layer is the one whose top chunks, as many as it shares, hold the largest
-      share of its pooled attention (`longheads.TwoPassTopKRelay`; "two_pass" measures
-      its top chunk alone). "peak": one pass, every layer's shared slots following the
-      most peaked pooled attention of the layers so far in the forward call
-      (`longheads.PeakRelay`).
-      "pooled" fills half the retrieved slots (rounded up) with the chunks the layer's
-      heads attend to most together, the rest per query head. "query_head" picks chunks
-      per query head (the paper's rule); "kv_head" sums the scores of a GQA group and
-      picks once per KV head.
+      The best measured on natural-text retrieval past the trained length (README).
+      "two_pass_reuse": as "two_pass_carry", but a decoded token with a choice noted in
+      the chunk_size tokens before it takes that choice without a first pass
+      (`longheads.ReuseRelay`): a faster decode (every key is read once per
+      chunk_size + 1 tokens, not at every token), at some cost in answers.
+      "query_head": the paper's rule, each query head picks its chunks by q . rep_c;
+      "kv_head": the paper's rule per KV head (the scores of a GQA group summed).
     prefill: "grouped" lets the queries of one chunk within one forward call share a
       selection (one attention call per chunk); "exact" selects per token.
     kv_bits: store keys and values quantized to 4 or 8 bits (None: the model's float
@@ -76,30 +69,15 @@ class LongHeadsConfig:
         return self.attention_length // self.chunk_size
 
     @property
-    def pools(self) -> bool:
-        """Whether the selection needs each layer's pooled attention (every key once per
-        group of queries)."""
-        return self.selection in ("pooled", "peak", *TWO_PASS_SELECTIONS)
-
-    @property
-    def links_layers(self) -> bool:
-        """Whether a layer's selection depends on the model's other layers (a relay)."""
-        return self.selection in ("peak", *TWO_PASS_SELECTIONS)
-
-    @property
     def runs_twice(self) -> bool:
-        """Whether each group of queries past F goes through the model twice."""
+        """Whether each group of queries past F goes through the model twice (and layer
+        0's cache notes each group's choice, `CarryRelay`)."""
         return self.selection in TWO_PASS_SELECTIONS
 
     @property
-    def notes_choices(self) -> bool:
-        """Whether layer 0's cache notes each group's choice (`CarryRelay`)."""
-        return self.selection in ("two_pass_carry", "two_pass_reuse")
-
-    @property
     def shared_slots(self) -> int:
-        """Retrieved slots the pooled selections give every head of a layer alike: half
-        of the k - 3, rounded up."""
+        """Retrieved slots the two-pass selections give every head of a layer alike:
+        half of the k - 3, rounded up."""
         return -(-(self.num_chunks - 3) // 2)
 
     @property
@@ -172,6 +150,11 @@ class LongHeadsConfig:
             raise ConfigError(
                 f"full_attention_length {F} exceeds the model's trained length {trained_length}: "
                 f"use at most {trained_length}"
+            )
+        if self.selection in REMOVED_SELECTIONS:
+            raise ConfigError(
+                f"selection {self.selection!r} was removed on 2026-12-02 (two_pass_carry answers "
+                f"what it did): use one of {', '.join(map(repr, SELECTIONS))}"
             )
         if self.selection not in SELECTIONS:
             raise ConfigError(

@@ -174,13 +174,11 @@ def pooled_attention(
 def select_chunks_pooled(
     query_sums: mx.array, representations: mx.array, pooled: mx.array, own: mx.array, k: int, shared: int
 ) -> mx.array:
-    """The pooled selection: chunks the whole layer agrees on, then each head's own.
+    """The two-pass selections' window: chunks the whole model agrees on, then each head's own.
 
-    One head's score of one chunk rarely ranks a sentence planted in natural text (a
-    needle) first, while the attention the layer's heads give it together does
-    (scripts/pooled_score_study.py). So the first `shared` (`LongHeadsConfig.shared_slots`)
-    retrieved slots of every head hold the chunks with the most `pooled_attention`
-    [B, G, C], and the rest each head's top by q . rep among the others, as in
+    The first `shared` (`LongHeadsConfig.shared_slots`) retrieved slots of every head
+    hold the chunks with the most `pooled` attention [B, G, C] (the one `CarryRelay`
+    chose), and the rest each head's top by q . rep among the others, as in
     `select_chunks`.
 
     query_sums [B, H, G, D] and representations [B, H, C, D] as in `select_chunks`.
@@ -201,21 +199,37 @@ def select_chunks_pooled(
     return window_of(top, own)
 
 
-class PeakRelay:
-    """What the "peak" selection carries from layer to layer within one forward call.
+class CarryRelay:
+    """What the "two_pass_carry" selection carries: from layer to layer in a group's
+    first pass, from its first pass to its second, and from group to group.
 
-    A sentence planted in natural text takes a large share of one or two middle layers'
-    pooled attention (0.13-0.31 on its chunk against 0.02-0.1 at the other layers, in
-    the needle prompts of results/relay_needle_16k.md) and little of the rest's. With
-    "peak", each layer's shared slots follow the pooled attention of the most peaked
-    layer so far (the largest share of its candidates' mass on one chunk, its own
-    included; ties go to the later layer), group by group. mlx-lm runs the layers in
-    order, once each per forward call, and layer 0 starts afresh: nothing passes from
-    one call to the next, so decoding a token equals its exact prefill.
+    One head's score of one chunk rarely ranks a sentence planted in natural text (a
+    needle) first, while the attention a layer's heads give it together does, and one
+    or two middle layers give it a large share of theirs (0.13-0.31 on its chunk
+    against 0.02-0.1 at the other layers, results/relay_needle_16k.md). So:
+      - first pass: each layer's pooled attention is measured (`most_peaked`), and the
+        most peaked one, the largest share of its candidates' mass on one chunk (ties
+        to the later layer), is kept per block of groups;
+      - between the passes (`between_passes`, the cache rolled back by
+        `models.run_twice`): the group's choice, the top `shared` chunks of that
+        attention, is noted in layer 0's cache, and the most peaked choice noted in the
+        `span` tokens before the group replaces it where it was more peaked;
+      - second pass (`replaying`): every layer's shared slots hold that choice, the
+        layers before the most peaked one included.
+    The carry keeps a question's choice in its answer's first tokens: in the needle
+    misses of the selection without it, every head held the needle's chunk at the
+    question's last token, dropped it from the first or second answer token on and
+    answered " 1."; with it kept, they answered right (results/
+    answer_decode_needle_16k.md, answer_decode_needle_32k_topk.md). The choices are
+    noted a row per token, so trimming, saving and restoring a cache keep them, and
+    decoding still equals exact prefill.
     """
 
-    def __init__(self):
+    def __init__(self, shared: int, span: int):
+        self.shared = shared
+        self.span = span
         self.best: Dict[int, Tuple[mx.array, mx.array]] = {}  # block -> (pooled, share)
+        self.replaying = False
 
     def peakedness(self, pooled: mx.array) -> mx.array:
         """[B, G]: the share of a layer's pooled attention [B, G, C] on its top chunk."""
@@ -223,7 +237,10 @@ class PeakRelay:
 
     def most_peaked(self, layer: int, block: int, pooled: mx.array) -> mx.array:
         """`layer`'s pooled attention [B, G, C] for the groups of `block` (its first
-        group's index in the call) -> the most peaked layer's so far, per group."""
+        group's index in the call) -> the one its shared slots follow: in the first
+        pass the most peaked layer's so far, in the second the chosen one."""
+        if self.replaying:
+            return self.best[block][0]
         share = self.peakedness(pooled)
         if layer > 0:
             best, best_share = self.best[block]
@@ -233,87 +250,14 @@ class PeakRelay:
         self.best[block] = (pooled, share)
         return pooled
 
-
-class TwoPassRelay(PeakRelay):
-    """What the "two_pass" selection carries from a group's first pass to its second.
-
-    "peak" gives the layers before the most peaked one nothing of what it finds. Yet
-    of the needles the pooled selection missed at 16k, the one at depth 30% was answered
-    only with its chunk in every layer, the first ones included (results/
-    relay_needle_16k.md, sample 9). With "two_pass" the model runs each group of
-    queries past F twice (`models.TwoPassCall`, which rolls the cache back in between):
-    the first pass selects as "peak" does and leaves here, per block of groups, the
-    pooled attention of the most peaked of all layers; in the second every layer's
-    shared slots follow that one.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self.replaying = False
-
-    def most_peaked(self, layer: int, block: int, pooled: mx.array) -> mx.array:
-        if self.replaying:
-            return self.best[block][0]
-        return super().most_peaked(layer, block, pooled)
-
     def first_pass_needed(self, cache: LongHeadsCache, tokens: int) -> bool:
-        """Whether the group of `tokens` queries after the cache's offset runs its
-        first pass (asked before it, at the model's call): "two_pass" always does."""
+        """Whether the group of `tokens` queries after the cache's offset runs its first
+        pass (asked before it, at the model's call): "two_pass_carry" always does."""
         return True
 
-    def without_first_pass(self, cache: LongHeadsCache, tokens: int) -> None:
-        """Called instead of the first pass and `between_passes` where
-        `first_pass_needed` said no: leaves the second pass's choice."""
-        raise NotImplementedError(f"{type(self).__name__} always runs the first pass")
-
     def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
-        """Called between a group's two passes (the cache trimmed back to its start):
-        "two_pass" keeps nothing across groups."""
-
-
-class TwoPassTopKRelay(TwoPassRelay):
-    """What the "two_pass_topk" selection carries: "two_pass"'s, with the most peaked
-    layer measured by the share of its pooled attention on the chunks it would share.
-
-    A layer can give one chunk an outsized share that has nothing to do with the
-    question: on a 32k needle prompt (depth 70%) layer 8 gave one chunk 0.067 of its
-    mass and was chosen, while layer 18 ranked the needle's chunk first at 0.051 with
-    0.116 on its top three against layer 8's 0.102 (results/layer_choice.md). The layer
-    whose shared chunks, all of them, hold the most of its attention is the one whose
-    choice the other layers are given.
-    """
-
-    def __init__(self, shared: int):
-        super().__init__()
-        self.shared = shared
-
-    def peakedness(self, pooled: mx.array) -> mx.array:
-        """[B, G]: the share of a layer's pooled attention on its top `shared` chunks."""
-        return mx.topk(pooled, self.shared, axis=-1).sum(axis=-1) / pooled.sum(axis=-1)
-
-
-class CarryRelay(TwoPassRelay):
-    """What the "two_pass_carry" selection carries: "two_pass"'s, and from group to group
-    the choice of the most peaked first pass within the last chunk_size tokens.
-
-    Each decoded token is its own group and selects from its own query. In the needle
-    misses of the two_pass selections whose chunk every head held at the question's
-    last token, the heads dropped it from the first or second answer token on (0.00-0.02
-    of them) and answered " 1."; with it kept, they answered right (results/
-    answer_decode_needle_16k.md, answer_decode_needle_32k_topk.md). So a group's second
-    pass takes the shared chunks of the most peaked first pass among its own and those
-    of the groups whose newest query lies in the `span` tokens before its first (the
-    question's for the answer's first tokens), measured as "two_pass" measures a layer.
-    The choices are noted in layer 0's cache, a row per token: trimming, saving and
-    restoring a cache keep them, and decoding still equals exact prefill.
-    """
-
-    def __init__(self, shared: int, span: int):
-        super().__init__()
-        self.shared = shared
-        self.span = span
-
-    def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
+        """Note the group's choice and keep the most peaked of it and the recent ones
+        (the cache trimmed back to the group's start)."""
         ((pooled, share),) = self.best.values()  # one group per piece past F
         pooled, share = pooled[:, 0], share[:, 0]  # [B, C], [B]
         chunks = top_chunks(pooled, self.shared)
@@ -349,6 +293,8 @@ class ReuseRelay(CarryRelay):
         return tokens > 1 or not cache.has_recent_choice(cache.offset, self.span)
 
     def without_first_pass(self, cache: LongHeadsCache, tokens: int) -> None:
+        """Called instead of the first pass and `between_passes` where
+        `first_pass_needed` said no: the second pass takes the recent choice."""
         carried, share = self.recent(cache, (cache.offset + tokens) // cache.chunk_size)
         self.best = {0: (carried[:, None], share[:, None])}  # over the second pass's candidates
 
@@ -410,9 +356,8 @@ def window_slots(
     true positions, so n = max(own) + 1 slots hold chunks 0..n-2 and the own chunk
     (slots a group may not see are masked by attend_groups): short contexts cost what
     ordinary attention costs. newest: where each group's newest query sits in it.
-    relay (selections "peak", "two_pass" and "two_pass_topk"): the layer's pooled
-    attention -> the one its shared slots follow (`PeakRelay`, `TwoPassRelay`,
-    `TwoPassTopKRelay`).
+    relay (the two-pass selections): the layer's pooled attention -> the one its
+    shared slots follow (`CarryRelay.most_peaked`).
     """
     B, H, G = queries.shape[:3]
     n_kv_heads = cache.kv_heads
@@ -426,12 +371,10 @@ def window_slots(
     query_sums = queries.astype(mx.float32).sum(axis=3)
     C = cache.complete_chunks
     representations = cache.representations[:, :, :C]
-    if config.pools:
+    if config.runs_twice:
         index = mx.array(newest)[None, None, :, None, None]
         newest_queries = mx.take_along_axis(queries, index, axis=3)[:, :, :, 0]
-        pooled = pooled_attention(newest_queries, cache, mx.array(own), rope, scale)
-        if config.links_layers:
-            pooled = relay(pooled)
+        pooled = relay(pooled_attention(newest_queries, cache, mx.array(own), rope, scale))
         return select_chunks_pooled(
             query_sums, representations, pooled, mx.array(own), config.num_chunks, config.shared_slots
         )
@@ -536,7 +479,7 @@ def longheads_attention(
     relay: with a selection that links layers, the relay's `most_peaked` bound to this
     layer (the link to the model's other layers). Returns [B, H, T, Dv].
     """
-    if config.links_layers and relay is None:
+    if config.runs_twice and relay is None:
         raise ValueError(
             f"the {config.selection} selection links a model's layers: apply it with apply_longheads"
         )

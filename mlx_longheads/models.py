@@ -13,14 +13,7 @@ import mlx.nn as nn
 
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
-from .longheads import (
-    CarryRelay,
-    PeakRelay,
-    ReuseRelay,
-    TwoPassRelay,
-    TwoPassTopKRelay,
-    longheads_attention,
-)
+from .longheads import CarryRelay, ReuseRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -75,13 +68,12 @@ class LongHeadsAttention(nn.Module):
 
 
 class TwoPassCall:
-    """The forward call of a model under selection "two_pass", mixed into its class.
+    """The forward call of a model under a two-pass selection, mixed into its class.
 
-    Each group of queries past F goes through the model twice: the first pass selects
-    as "peak" and leaves the most peaked layer's pooled attention in the
-    `TwoPassRelay`; the cache is trimmed back (and the relay told, `between_passes`)
-    and the second pass, whose keys, values and logits are kept, gives every layer
-    that layer's shared chunks. A group's
+    Each group of queries past F goes through the model twice: the first pass leaves
+    the most peaked layer's pooled attention in the `CarryRelay`; the cache is trimmed
+    back (and the relay told, `between_passes`) and the second pass, whose keys, values
+    and logits are kept, gives every layer that choice's shared chunks. A group's
     second pass must read the second-pass keys of the groups before it, so a call is
     cut into one piece per group (a chunk, or a token with prefill "exact") past F:
     a prompt prefilled in one call is computed as when fed one group per call. With
@@ -98,7 +90,7 @@ class TwoPassCall:
         return mx.concatenate(logits, axis=1)
 
 
-def run_twice(forward: Callable[[], Any], cache: List[LongHeadsCache], relay: TwoPassRelay, tokens: int) -> Any:
+def run_twice(forward: Callable[[], Any], cache: List[LongHeadsCache], relay: CarryRelay, tokens: int) -> Any:
     """One group's two passes through `forward` (the model's, or layers', call on its
     `tokens` queries): the first, where the relay asks for it, then the cache rolled
     back and the second, whose result is returned."""
@@ -121,7 +113,7 @@ def run_twice(forward: Callable[[], Any], cache: List[LongHeadsCache], relay: Tw
 
 
 def two_pass_pieces(config: LongHeadsConfig, start: int, tokens: int) -> List[Tuple[int, int, bool]]:
-    """How "two_pass" cuts a call of `tokens` queries after `start` cached ones:
+    """How a two-pass selection cuts a call of `tokens` queries after `start` cached ones:
     (first, last, twice) per piece. Queries up to F are one piece, run once; past F one
     piece per group (a chunk, or a token with prefill "exact"), run twice."""
     below = min(max(config.full_chunks * config.chunk_size - start, 0), tokens)
@@ -169,16 +161,11 @@ def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongH
     return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
 
 
-def make_relay(config: LongHeadsConfig) -> Optional[PeakRelay]:
+def make_relay(config: LongHeadsConfig) -> Optional[CarryRelay]:
     """The link between a model's layers that the selection needs (None: unlinked)."""
-    relays = {
-        "peak": PeakRelay,
-        "two_pass": TwoPassRelay,
-        "two_pass_topk": lambda: TwoPassTopKRelay(config.shared_slots),
-        "two_pass_carry": lambda: CarryRelay(config.shared_slots, config.chunk_size),
-        "two_pass_reuse": lambda: ReuseRelay(config.shared_slots, config.chunk_size),
-    }
-    return relays[config.selection]() if config.selection in relays else None
+    relays = {"two_pass_carry": CarryRelay, "two_pass_reuse": ReuseRelay}
+    relay = relays.get(config.selection)
+    return relay(config.shared_slots, config.chunk_size) if relay else None
 
 
 def apply_longheads(

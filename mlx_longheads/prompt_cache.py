@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models import cache as mlx_lm_cache
 
 from .cache import UNDO_CHUNKS, LongHeadsCache
-from .config import LongHeadsConfig
+from .config import REMOVED_SELECTIONS, SELECTIONS, LongHeadsConfig
 
 # 2: the cache state carries kv_bits and kv_group_size (quantized K/V).
 # 3: and the raw queries of the last complete chunks (exact trim).
@@ -78,6 +78,12 @@ def load_prompt_cache(
             f"{path} was written {written}; this version reads prompt-cache format "
             f"{FORMAT_VERSION} only: {REBUILD}"
         )
+    selection = saved_selection(metadata)
+    if selection in REMOVED_SELECTIONS:
+        raise PromptCacheError(
+            f"{path} was made with selection {selection!r}, which this version no longer has "
+            f"(it has {', '.join(SELECTIONS)}): {REBUILD}"
+        )
     expected = describe(model, config)
     for key, what in (("model", "model"), ("longheads", "attention configuration")):
         if metadata.get(key) != expected[key]:
@@ -89,6 +95,14 @@ def load_prompt_cache(
     if problem:
         raise PromptCacheError(f"{path} is corrupt ({problem}): {REBUILD}")
     return cache
+
+
+def saved_selection(metadata: dict) -> Optional[str]:
+    """The selection a cache's metadata names (None for stock attention or unreadable)."""
+    try:
+        return (json.loads(metadata.get("longheads") or "null") or {}).get("selection")
+    except (ValueError, AttributeError):
+        return None
 
 
 def inconsistency(cache: List[Any], model: nn.Module) -> Optional[str]:

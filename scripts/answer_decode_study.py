@@ -1,19 +1,19 @@
 """Is a needle whose chunk every head holds at the question lost while the answer is decoded?
 
-Some misses of the two_pass selections answered wrong with the needle's chunk in every
+Some misses of the two-pass selections answered wrong with the needle's chunk in every
 head of every layer at the prompt's last token (the eval's `key_chunk_selected` 1.0):
 " 1." for 931103 at 16k, " 2992233." for 299223 at 32k. Each decoded token selects its
 chunks anew, from its own query: a digit's query may not lead back to the needle.
 
 Prefills the eval's prompt but its last token with the given selection, then decodes
 greedily and records, per step (the prompt's last token, then each answer token), the
-share of all heads (the second pass's, with two_pass) whose window holds the answer's
+share of all heads (the second pass's) whose window holds the answer's
 chunk. The cache is then trimmed back to the prompt without its last token and the same
 steps rerun with that chunk pinned into every head's first shared slot wherever absent
-(a pooled selection's slots; `longheads.select_chunks_pooled` wrapped): if that answers,
+(the two-pass selections' slots; `longheads.select_chunks_pooled` wrapped): if that answers,
 what the answer tokens select is the loss.
 
-  python scripts/answer_decode_study.py --task needle --length 16384 --samples 5 --selection two_pass --output F
+  python scripts/answer_decode_study.py --task needle --length 16384 --samples 5 --selection two_pass_carry --output F
 """
 
 import argparse
@@ -24,6 +24,7 @@ import mlx.core as mx
 
 import mlx_longheads.longheads as longheads
 from mlx_longheads import LongHeadsConfig, load
+from mlx_longheads.config import TWO_PASS_SELECTIONS
 from mlx_longheads.eval import prefilled, selection_replaced
 from needle_oracle import greedy, studied_samples, write_report  # scripts/ is on the path when run
 
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--task", default="needle", choices=["needle", "multikey", "passkey"])
     parser.add_argument("--samples", default="5")
     parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--selection", default="two_pass", choices=["pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"])
+    parser.add_argument("--selection", default="two_pass_carry", choices=TWO_PASS_SELECTIONS)
     parser.add_argument("--steps", type=int, default=8, help="tokens decoded")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()

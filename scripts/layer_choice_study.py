@@ -1,8 +1,8 @@
-"""Which layer's pooled attention should two_pass share? Rules compared on saved prompts.
+"""Which layer's pooled attention should the two-pass selections share? Rules compared on saved prompts.
 
-two_pass shares with every layer the top ceil((k-3)/2) chunks of the first pass's most
-peaked layer, "most peaked" being the largest share of a layer's candidate mass on one
-chunk (`longheads.PeakRelay`). On the 32k needle at depth 70% that chose layer 8, which
+two_pass_carry shares with every layer the top ceil((k-3)/2) chunks of the first pass's
+most peaked layer, "most peaked" being the largest share of a layer's candidate mass on
+one chunk (`longheads.CarryRelay`). On the 32k needle at depth 70% that chose layer 8, which
 does not hold the needle, over layer 18, which ranks it first
 (results/shortlist_needle_32k_sample10.md). This study records, per prompt, every
 layer's pooled attention at the last token (the first pass, as `shortlist_study.py`
@@ -46,7 +46,7 @@ Rule = Callable[[Masses, int], Tuple[np.ndarray, str]]  # -> shared chunks, the 
 
 def by_layer(peakedness: Callable[[Masses, int], np.ndarray]) -> Rule:
     """A rule sharing the top `shared` chunks of the layer `peakedness` (of the layers'
-    normalised masses and `shared`) ranks first (ties to the later layer, as in `PeakRelay`)."""
+    normalised masses and `shared`) ranks first (ties to the later layer, as in `CarryRelay`)."""
 
     def rule(masses: Masses, shared: int) -> Tuple[np.ndarray, str]:
         score = peakedness(normalised(masses), shared)
@@ -95,7 +95,7 @@ RULES: Dict[str, Rule] = {
 
 def record(task: str, length: int, samples: str, store: Path) -> List[Path]:
     """The saved masses of each studied prompt, prefilling those not saved yet."""
-    model, tokenizer = load(longheads=LongHeadsConfig(selection="two_pass"))
+    model, tokenizer = load(longheads=LongHeadsConfig(selection="two_pass_carry"))
     config = model.layers[0].self_attn.config
     store.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -126,7 +126,7 @@ def main() -> None:
         "# Which layer's pooled attention to share: rules on saved prompts (last token, first pass)",
         "",
         f"Command: `python scripts/layer_choice_study.py --report-only --store {args.store}` over the prompts"
-        " saved there (each saved by a run with --task, --length and --samples; two_pass, L 2048, F 8192,"
+        " saved there (each saved by a run with --task, --length and --samples; two_pass_carry's first pass, L 2048, F 8192,"
         " chunk 256). Cells: the rank (1 = first) of the answer's chunk among the chunks the rule shares,"
         " '-' when it is not shared, and (the layer or layers they are from); 'layers at 1': the layers whose own pooled attention ranks it first.",
         "",

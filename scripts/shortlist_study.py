@@ -1,19 +1,19 @@
 """Can the pooled attention read a fixed number of chunks' keys and still find the answer?
 
-The pooled selections (pooled, peak, two_pass) score a layer's candidate chunks by the
+The two-pass selections score a layer's candidate chunks by the
 attention its heads give each chunk's keys together (`longheads.pooled_attention`): a
 product with every key, per decoded token and layer, so decoding is not flat in context.
 A shortlist would bound it: rank the candidates by a cheap per-chunk score, the heads'
 softmax of q . rep summed over the heads (a product with one representation per chunk),
 and take the pooled attention over the keys of the top M chunks only (M w keys).
 
-Prefills the eval's prompt, but its last token, with the default selection (two_pass),
+Prefills the eval's prompt, but its last token, with the default selection (two_pass_carry),
 then feeds the last token and records each layer's first-pass query and pooled attention.
 Per layer, the rank (1 = best) of the answer's chunk among the candidates 1..own-2 under
 the pooled attention over all keys (today's), the cheap score, and the pooled attention
 over the cheap score's top M (rank "-" when the chunk is not shortlisted). Then as
-two_pass uses them: the most peaked layer under each score (the largest share of its mass
-on one chunk) and the answer chunk's rank there; two_pass shares that layer's top
+the two-pass selections use them: the most peaked layer under each score (the largest share of its mass
+on one chunk) and the answer chunk's rank there; they share that layer's top
 ceil((k-3)/2) chunks with every layer.
 
   python scripts/shortlist_study.py --task needle --length 16384 --samples 3,4 --sizes 8,16,32 --output F
@@ -83,7 +83,7 @@ def main() -> None:
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     sizes = [int(m) for m in args.sizes.split(",")]
-    model, tokenizer = load(longheads=LongHeadsConfig(selection="two_pass"))
+    model, tokenizer = load(longheads=LongHeadsConfig(selection="two_pass_carry"))
     attention = model.layers[0].self_attn
     config, scale = attention.config, attention.scale
     w, shared = config.chunk_size, config.shared_slots
@@ -92,7 +92,7 @@ def main() -> None:
         f"# Shortlisted pooled attention: rank of the answer's chunk ({args.task}, {args.length} tokens, last token)",
         "",
         f"Command: `python scripts/shortlist_study.py --task {args.task} --samples {args.samples}"
-        f" --length {args.length} --sizes {args.sizes}` (two_pass, L {config.attention_length},"
+        f" --length {args.length} --sizes {args.sizes}` (two_pass_carry, L {config.attention_length},"
         f" F {config.full_attention_length}, chunk {w}: {shared} shared slots). Cells: layer: rank under"
         " " + " / ".join(names) + " (all: pooled attention over every candidate's keys, today's;"
         " cheap: heads' softmax of q . rep summed; M=m: pooled attention over the keys of cheap's top m)."

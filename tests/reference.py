@@ -34,8 +34,8 @@ def longheads(
 
     F: the full attention length, below which a query attends to all tokens up to it
     (None: L, the paper's threshold). pooled: the first ceil((k-3)/2) retrieved chunks
-    of every head are the top of the layer's `pooled_mass` for the group's newest query,
-    or of mass(newest) where given; the rest each head's own.
+    of every head are the top of mass(newest) for the group's newest query (the
+    two-pass selections', `two_pass_layers`); the rest each head's own.
     group_of[t]: queries with the same value share one selection, scored by the sum
     of their scores (None: each token selects alone). per_kv_head: the scores of the
     query heads of a KV head are summed and the KV head selects once.
@@ -69,8 +69,7 @@ def longheads(
         shared = []
         if pooled and own >= full_chunks:
             newest = members.max()
-            total = mass(newest) if mass else pooled_mass(q[:, newest], k, own, w, scale, base)
-            shared = [int(c) for c in 1 + np.argsort(-total, kind="stable")[: -(-retrieved // 2)]]
+            shared = [int(c) for c in 1 + np.argsort(-mass(newest), kind="stable")[: -(-retrieved // 2)]]
         for h in range(H):
             kv = h // rep_heads
             if own < full_chunks:
@@ -113,59 +112,53 @@ def pooled_mass(q_newest, k, own, w, scale, base):
     return total
 
 
-def peak_layers(layers, w, L, scale, base, group_of=None, whole_model=False, top=1, carry=None, reuse=False):
-    """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under the "peak"
-    selection: a group's shared chunks at layer l are the top of the pooled mass of the
-    most peaked layer among 0..l (largest share of the mass on its `top` largest
-    chunks; the later layer on a tie); with whole_model ("two_pass"'s second pass, the
-    layers' inputs being those of the first), among all layers ("two_pass_topk":
-    `top` = the shared slots). carry ("two_pass_carry", with whole_model): a span of
-    tokens; a group takes the top shared chunks of an earlier group's most peaked layer
-    instead of its own where that group's newest query is among the `carry` tokens
-    before its first and its share was larger (the largest such); with reuse
-    ("two_pass_reuse"), a group of one query with such an earlier group takes its
-    chunks without choosing (or noting) its own. Also returns the smallest gap between
-    two shares compared (how far from a tie)."""
+def two_pass_layers(layers, w, L, scale, base, group_of=None, F=None, reuse=False):
+    """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under
+    "two_pass_carry" (or, with reuse, "two_pass_reuse"), and the smallest gap between
+    two shares compared (how far from a tie).
+
+    Past the full attention length F (None: L), a group's shared chunks in every layer
+    are the top of the pooled mass of the most peaked layer of all (the largest share
+    of its mass on one chunk; the later layer on a tie; the layers' inputs being those
+    of the first pass, which are these), or the top shared chunks of an earlier group's
+    where that was more peaked (`carried_masses`)."""
     gaps = [np.inf]
     masses = [
         lambda newest, q=q, k=k: pooled_mass(q[:, newest], k, newest // w, w, scale, base)
         for q, k, _ in layers
     ]
 
-    def most_peaked(newest, upto):
-        totals = [m(newest) for m in masses[: upto + 1]]
-        shares = [np.sort(t)[-top:].sum() / t.sum() for t in totals]
+    def most_peaked(newest):
+        totals = [m(newest) for m in masses]
+        shares = [t.max() / t.sum() for t in totals]
         best = max(range(len(shares)), key=lambda i: (shares[i], i))
         gaps.extend(abs(shares[best] - s) for i, s in enumerate(shares) if i != best)
         return totals[best], shares[best]
 
-    carried = {} if carry is None else carried_masses(
-        lambda newest: most_peaked(newest, len(layers) - 1), layers[0][0].shape[1], w, L, group_of, carry, gaps, reuse
-    )
-    outputs = []
-    for layer, (q, k, v) in enumerate(layers):
-        upto = len(layers) - 1 if whole_model else layer
-        mass = carried.__getitem__ if carry else lambda newest, upto=upto: most_peaked(newest, upto)[0]
-        outputs.append(longheads(q, k, v, w, L, scale, base, group_of=group_of, pooled=True, mass=mass))
+    n = layers[0][0].shape[1]
+    carried = carried_masses(most_peaked, n, w, L, F or L, group_of, gaps, reuse)
+    outputs = [
+        longheads(q, k, v, w, L, scale, base, group_of=group_of, F=F, pooled=True, mass=carried.__getitem__)
+        for q, k, v in layers
+    ]
     return outputs, min(gaps)
 
 
-def carried_masses(most_peaked, n, w, L, group_of, span, gaps, reuse=False):
-    """{newest: mass} of the "two_pass_carry" rule for each group past the threshold
-    (F = L), in order: its own most peaked mass, or the top shared chunks (as a mass of
-    1 each) of the most peaked earlier noted group whose newest query is among the
-    `span` tokens before its first, where that one's share is larger. With reuse
-    ("two_pass_reuse") a group of one query with such an earlier group takes its chunks
-    and is not noted."""
+def carried_masses(most_peaked, n, w, L, F, group_of, gaps, reuse=False):
+    """{newest: mass} of the "two_pass_carry" rule for each group past F, in order: its
+    own most peaked mass, or the top shared chunks (as a mass of 1 each) of the most
+    peaked earlier noted group whose newest query is among the chunk_size (w) tokens
+    before its first, where that one's share is larger. With reuse ("two_pass_reuse") a
+    group of one query with such an earlier group takes its chunks and is not noted."""
     group_of = np.arange(n) if group_of is None else np.asarray(group_of)
     shared = -(-(L // w - 3) // 2)
     noted, masses = {}, {}
     for group in dict.fromkeys(group_of):
         members = np.flatnonzero(group_of == group)
         first, newest = members.min(), members.max()
-        if newest // w < L // w:
+        if newest // w < F // w:
             continue
-        earlier = [noted[p] for p in noted if first - span <= p < first]
+        earlier = [noted[p] for p in noted if first - w <= p < first]
         carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
         if reuse and len(members) == 1 and earlier:
             masses[newest] = carried(max(earlier, key=lambda noted: noted[0])[1])

@@ -79,7 +79,7 @@ def test_switching_methods_switches_attention_and_the_two_pass_call():
     for _ in range(2):
         bench.use_method(model, stock, bench.METHODS["longheads"])  # the default: two_pass_carry
         assert type(model).__bases__ == (TwoPassCall, own_class)
-    bench.use_method(model, stock, bench.METHODS["longheads-pooled"])
+    bench.use_method(model, stock, bench.METHODS["longheads-head"])  # one pass
     assert type(model) is own_class
     bench.use_method(model, stock, None)
     assert type(model) is own_class

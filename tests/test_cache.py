@@ -14,9 +14,10 @@ from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.memory import cache_bytes
 from mlx_longheads.models import apply_longheads
 
-# The paper's threshold (F = L): caches of 150 tokens hold chunks that heads select.
-CONFIG = LongHeadsConfig(chunk_size=8, attention_length=64, full_attention_length=64)
-KV8 = LongHeadsConfig(chunk_size=8, attention_length=64, kv_bits=8, full_attention_length=64)
+# The shipped shape, F > L: caches of 150 tokens hold chunks that heads select past F.
+CONFIG = LongHeadsConfig(chunk_size=8, attention_length=32, full_attention_length=64)
+KV8 = replace(CONFIG, kv_bits=8)
+SELECTIONS = ["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"]
 
 
 def longheads_model(arch="llama", max_size=None, config=CONFIG, **shape):
@@ -65,7 +66,7 @@ def test_buffers_grow_by_steps_not_per_token():
     assert cache[0].keys.shape[2] == 4096  # grew by at least 2048 tokens at once
 
 
-@pytest.mark.parametrize("selection", ["two_pass", "two_pass_carry", "two_pass_reuse"])
+@pytest.mark.parametrize("selection", SELECTIONS)
 def test_saved_prompt_cache_continues_generation_identically(tmp_path, selection):
     """With "two_pass_carry" and "two_pass_reuse" the choices noted in the cache carry
     over too."""
@@ -89,7 +90,7 @@ def test_saved_prompt_cache_continues_generation_identically(tmp_path, selection
     np.testing.assert_allclose(continue_from(loaded), continue_from(cache), atol=1e-4)
 
 
-@pytest.mark.parametrize("selection", ["query_head", "pooled", "peak", "two_pass", "two_pass_carry", "two_pass_reuse"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse", "query_head"])
 def test_decoding_holds_no_memory_per_token(selection):
     """mlx-lm's generate loop evaluates only the logits. The queries, kept queries and
     representations a step writes must be evaluated with them: an unevaluated write
@@ -172,6 +173,25 @@ def test_a_prompt_cache_from_another_configuration_is_refused_by_name(tmp_path):
         load_prompt_cache(path, longheads_model("qwen3")[0], CONFIG)
 
 
+def test_a_prompt_cache_of_a_removed_selection_is_refused_by_name(tmp_path):
+    """"pooled", "peak", "two_pass" and "two_pass_topk" left the library: a cache one
+    of them made is refused with the selections there are and the fix."""
+    from mlx_lm.models import cache as mlx_lm_cache
+
+    from mlx_longheads.prompt_cache import PromptCacheError, describe, load_prompt_cache
+
+    model, config = longheads_model()
+    path = str(tmp_path / "old.safetensors")
+    mlx_lm_cache.save_prompt_cache(path, fill(model, 40), describe(model, replace(config, selection="pooled")))
+    with pytest.raises(PromptCacheError) as refused:
+        load_prompt_cache(path, model, config)
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "selection 'pooled', which this version no longer has" in message
+    assert "two_pass_carry, two_pass_reuse, query_head, kv_head" in message
+    assert message.endswith("delete it and run the prompt again to rebuild it")
+
+
 def test_a_quantized_prompt_cache_continues_identically_and_needs_the_same_kv_bits(tmp_path):
     from mlx_longheads.prompt_cache import PromptCacheError, load_prompt_cache, save_prompt_cache
 
@@ -223,7 +243,7 @@ def log_probabilities(model, cache, tokens) -> np.ndarray:
 EXACT_CUTS = [(150, 1), (150, 5), (150, 12), (144, 40)]
 
 
-@pytest.mark.parametrize("selection", ["two_pass", "two_pass_carry", "two_pass_reuse"])
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("kept, trimmed", EXACT_CUTS)
 def test_trimmed_tokens_are_undone_exactly(kept, trimmed, selection):
     """Feed A then B, trim B, feed C: the same log-probabilities for C as feeding A then

@@ -34,7 +34,7 @@ def random_qkv(n: int, seed: int = 0, d: int = D):
     return q, k, v
 
 
-def run_layers(layers, config, steps, scale=SCALE):
+def run_layers(layers, config, steps, scale=SCALE, rope=None):
     """Several layers' longheads_attention ((q, k, v) each) over the tokens in calls of
     the given sizes, each call going through the layers in order as a model's forward
     call does (linked by the selection's relay, `models.make_relay`; with the two-pass
@@ -43,7 +43,7 @@ def run_layers(layers, config, steps, scale=SCALE):
     Returns each layer's outputs and cache."""
     relay = make_relay(config)
     caches = [make_cache(config) for _ in layers]
-    rope = nn.RoPE(layers[0][0].shape[-1], base=BASE)
+    rope = nn.RoPE(layers[0][0].shape[-1], base=BASE) if rope is None else rope
     outputs, start = [[] for _ in layers], 0
 
     def forward(sl):
@@ -51,7 +51,7 @@ def run_layers(layers, config, steps, scale=SCALE):
             longheads_attention(
                 *(mx.array(a[None, :, sl]) for a in (q, k, v)),
                 caches[index], rope, scale, config,
-                partial(relay.most_peaked, index) if config.links_layers else None,
+                partial(relay.most_peaked, index) if config.runs_twice else None,
             )
             for index, (q, k, v) in enumerate(layers)
         ]
@@ -70,6 +70,31 @@ def run(q, k, v, config, steps, scale=SCALE):
     """One layer's longheads_attention over the tokens in calls of the given sizes."""
     (out,), (cache,) = run_layers([(q, k, v)], config, steps, scale)
     return out, cache
+
+
+def expected_outputs(layers, config, group_of=None, scale=SCALE):
+    """The numpy rule's outputs of each layer under `config`'s selection, and the
+    smallest gap between two shares it compared (inf where it compared none)."""
+    w, L, F = config.chunk_size, config.attention_length, config.full_attention_length
+    if config.runs_twice:
+        reuse = config.selection == "two_pass_reuse"
+        return reference.two_pass_layers(layers, w, L, scale, BASE, group_of=group_of, F=F, reuse=reuse)
+    per_kv_head = config.selection == "kv_head"
+    outputs = [
+        reference.longheads(q, k, v, w, L, scale, BASE, group_of=group_of, per_kv_head=per_kv_head, F=F)
+        for q, k, v in layers
+    ]
+    return outputs, np.inf
+
+
+def groups_of_calls(steps, w, prefill):
+    """group_of for `reference.longheads`: a token alone (exact), or a chunk's tokens
+    within one call (grouped)."""
+    n = sum(steps)
+    if prefill == "exact":
+        return None
+    call_of = np.searchsorted(np.cumsum(steps), np.arange(n), side="right")
+    return call_of * 1000 + np.arange(n) // w
 
 
 def test_chunk_representations_match_the_formula():
@@ -117,22 +142,16 @@ def test_grouped_mode_shares_one_selection_per_chunk_and_call(selection):
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["query_head", "kv_head", "pooled"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "query_head", "kv_head"])
 @pytest.mark.parametrize("prefill, steps", [("grouped", [64] + [1] * 36), ("exact", [100])])
 def test_products_on_copied_out_chunks_are_the_same_attention(monkeypatch, selection, prefill, steps):
     """The CUDA path (chunks taken out, then an ordinary matmul), forced on this device."""
     monkeypatch.setattr(longheads, "products_in_place", lambda: False)
-    config = LongHeadsConfig(8, 32, selection=selection, prefill=prefill)
-    q, k, v = random_qkv(100, seed=4)
-    t = np.arange(100)
-    prefilled = np.where(t < 64, t // 8, t + 1000)  # a prefill of 64, then one token per call
-    expected = reference.longheads(
-        q, k, v, 8, 32, SCALE, BASE,
-        group_of=prefilled if prefill == "grouped" else None,
-        per_kv_head=selection == "kv_head",
-        pooled=selection == "pooled",
-    )
-    out, _ = run(q, k, v, config, steps)
+    config = LongHeadsConfig(8, 32, selection=selection, prefill=prefill, full_attention_length=48)
+    layers = [random_qkv(100, seed=4)]
+    (expected,), gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
+    assert gap > 1e-4  # no near-tie for rounding to decide
+    out, _ = run(*layers[0], config, steps)
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
@@ -168,93 +187,41 @@ def test_below_the_full_attention_length_it_is_stock_attention_past_attention_le
     np.testing.assert_allclose(out, np.array(expected[0]), atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["query_head", "kv_head"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"])
 @pytest.mark.parametrize(
     "prefill, steps",
     [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40), ("grouped", [20] * 6)],
 )
 def test_past_the_full_attention_length_heads_select(selection, prefill, steps):
-    """F = 48, L = 32: the rule on both sides of the threshold, also inside one call."""
-    w, L, F, n = 8, 32, 48, 120
-    config = LongHeadsConfig(w, L, selection=selection, prefill=prefill, full_attention_length=F)
-    q, k, v = random_qkv(n, seed=9)
-    ends = np.cumsum(steps)
-    call_of = np.searchsorted(ends, np.arange(n), side="right")
-    group_of = None if prefill == "exact" else call_of * 1000 + np.arange(n) // w
-    expected = reference.longheads(
-        q, k, v, w, L, SCALE, BASE, group_of=group_of, per_kv_head=selection == "kv_head", F=F
-    )
-    out, _ = run(q, k, v, config, steps)
-    np.testing.assert_allclose(out, expected, atol=2e-5)
-
-
-@pytest.mark.parametrize("L", [32, 56])
-@pytest.mark.parametrize(
-    "prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40)]
-)
-def test_pooled_selection_shares_the_layers_chunks_and_keeps_each_heads_own(L, prefill, steps):
-    """selection="pooled" (k = 4: one shared slot; k = 7: two shared and two per head)."""
-    w, n = 8, 120
-    config = LongHeadsConfig(w, L, selection="pooled", prefill=prefill)
-    q, k, v = random_qkv(n, seed=10)
-    ends = np.cumsum(steps)
-    call_of = np.searchsorted(ends, np.arange(n), side="right")
-    group_of = None if prefill == "exact" else call_of * 1000 + np.arange(n) // w
-    expected = reference.longheads(q, k, v, w, L, SCALE, BASE, group_of=group_of, pooled=True)
-    out, _ = run(q, k, v, config, steps)
-    np.testing.assert_allclose(out, expected, atol=2e-5)
-
-
-@pytest.mark.parametrize("L", [32, 56])
-@pytest.mark.parametrize(
-    "prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40)]
-)
-def test_peak_selection_follows_the_most_peaked_layer_so_far(L, prefill, steps):
-    """selection="peak" over three layers: each group's shared chunks come from the
-    pooled attention of the most peaked of the layers up to this one (the numpy rule),
-    the same whether a prompt is prefilled or decoded token by token."""
-    w, n = 8, 120
-    config = LongHeadsConfig(w, L, selection="peak", prefill=prefill)
-    layers = [random_qkv(n, seed=20 + layer) for layer in range(3)]
-    ends = np.cumsum(steps)
-    call_of = np.searchsorted(ends, np.arange(n), side="right")
-    group_of = None if prefill == "exact" else call_of * 1000 + np.arange(n) // w
-    expected, gap = reference.peak_layers(layers, w, L, SCALE, BASE, group_of=group_of)
-    assert gap > 1e-4  # no near-tie of two layers' shares for rounding to decide
-    for out, want in zip(run_layers(layers, config, steps)[0], expected):
-        np.testing.assert_allclose(out, want, atol=2e-5)
-
-
-@pytest.mark.parametrize("selection", ["two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"])
-@pytest.mark.parametrize("L", [32, 56])
-@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24)])
-def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(selection, L, prefill, steps):
-    """selection="two_pass" (or "two_pass_topk", "two_pass_carry") over three layers,
-    calls of one group each (as `models.TwoPassCall` cuts them): in the second pass
-    every layer's shared chunks come from the pooled attention of the most peaked of
-    all layers, by the share of its top chunk (or of its top shared_slots chunks), or
-    with "two_pass_carry" from a more peaked group's within the chunk before, with
-    "two_pass_reuse" too, and a group of one query with such a choice takes it without
-    its own (the numpy rule)."""
-    w, n = 8, 120
-    config = LongHeadsConfig(w, L, selection=selection, prefill=prefill)
-    top = config.shared_slots if selection == "two_pass_topk" else 1
-    carry = w if selection in ("two_pass_carry", "two_pass_reuse") else None
-    layers = [random_qkv(n, seed=20 + layer) for layer in range(3)]
-    ends = np.cumsum(steps)
-    call_of = np.searchsorted(ends, np.arange(n), side="right")
-    group_of = None if prefill == "exact" else call_of
-    expected, gap = reference.peak_layers(
-        layers, w, L, SCALE, BASE, group_of=group_of, whole_model=True, top=top, carry=carry,
-        reuse=selection == "two_pass_reuse",
-    )
+    """The shipped shape, F > L (F = 48, L = 32, chunks of 8): stock attention below F
+    and the selection past it, also inside one call, as the numpy rule gives it."""
+    config = LongHeadsConfig(8, 32, selection=selection, prefill=prefill, full_attention_length=48)
+    layers = [random_qkv(120, seed=9 + layer) for layer in range(2 if config.runs_twice else 1)]
+    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
     assert gap > 1e-4
     for out, want in zip(run_layers(layers, config, steps)[0], expected):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"])
-def test_the_linked_selections_need_the_models_other_layers(selection):
+@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse"])
+@pytest.mark.parametrize("L, F", [(32, 32), (56, 56), (32, 56)])
+@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24)])
+def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(selection, L, F, prefill, steps):
+    """Three layers, calls of one group each (as `models.TwoPassCall` cuts them): in
+    the second pass every layer's shared chunks come from the pooled attention of the
+    most peaked of all layers, by the share of its top chunk, or from a more peaked
+    group's within the chunk before; with "two_pass_reuse" a group of one query with
+    such a choice takes it without its own (the numpy rule)."""
+    config = LongHeadsConfig(8, L, selection=selection, prefill=prefill, full_attention_length=F)
+    layers = [random_qkv(120, seed=20 + layer) for layer in range(3)]
+    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
+    assert gap > 1e-4
+    for out, want in zip(run_layers(layers, config, steps)[0], expected):
+        np.testing.assert_allclose(out, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse"])
+def test_the_two_pass_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
     config = LongHeadsConfig(8, 32, selection=selection)
     with pytest.raises(ValueError, match="apply it with apply_longheads"):
@@ -300,59 +267,26 @@ def recorded_pooled_slots(monkeypatch):
     return slots
 
 
-def test_a_flat_layer_takes_the_shared_chunk_of_a_peaked_one_before_it(monkeypatch):
-    """Layer 0 peaked, layer 1 flat: with "peak" every head of both layers attends to
-    the needle's chunk at the last token."""
-    w, L, n, needle = 8, 32, 96, 5
-    peaked, flat = peaked_and_flat_layers(w, n, needle)
-    slots = recorded_pooled_slots(monkeypatch)
-    run_layers([peaked, flat], LongHeadsConfig(w, L, selection="peak"), [n - 1, 1])
-    for layer_slots in slots[-2:]:  # layers 0 and 1 at the last token
-        assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
-
-
 def test_two_pass_gives_a_flat_layer_the_chunk_of_a_peaked_one_after_it(monkeypatch):
-    """Layer 0 flat, layer 1 peaked: with "two_pass", every head of both layers attends
-    to the needle's chunk in the second pass, where in the first (as with "peak") layer
-    0 had nothing of what a later layer finds."""
+    """Layer 0 flat, layer 1 peaked: with "two_pass_carry", every head of both layers
+    attends to the needle's chunk in the second pass, where in the first layer 0 had
+    nothing of what a later layer finds."""
     w, L, n, needle = 8, 32, 96, 5
     peaked, flat = peaked_and_flat_layers(w, n, needle)
     slots = recorded_pooled_slots(monkeypatch)
-    run_layers([flat, peaked], LongHeadsConfig(w, L, selection="two_pass"), [1] * n)
+    run_layers([flat, peaked], LongHeadsConfig(w, L, selection="two_pass_carry"), [1] * n)
     first_pass, second_pass = slots[-4:-2], slots[-2:]  # at the last token
     assert not (first_pass[0][0, :, -1] == needle).any(axis=-1).all()
     for layer_slots in second_pass:
         assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
 
 
-@pytest.mark.parametrize("selection, shared_chunks", [("two_pass", [3]), ("two_pass_topk", [5, 7])])
-def test_two_pass_topk_measures_a_layer_by_all_the_chunks_it_shares(monkeypatch, selection, shared_chunks):
-    """Layer 0 gives one chunk (3) the largest share, layer 1 two chunks (5, 7) together
-    more of its attention than layer 0's top two; two slots are shared (L 48, w 8).
-    "two_pass" gives every head of both layers layer 0's chunk at the last token,
-    "two_pass_topk" layer 1's two."""
-    w, L, n = 8, 48, 96
-    config = LongHeadsConfig(w, L, selection=selection)
-    assert config.shared_slots == 2
-    one, two = layer_attending_to([3], 5.5, w, n, seed=40), layer_attending_to([5, 7], 7.0, w, n, seed=41)
-    shares = [
-        np.sort(m)[::-1] / m.sum()
-        for m in (reference.pooled_mass(q[:, n - 1], k, (n - 1) // w, w, SCALE, BASE) for q, k, _ in (one, two))
-    ]
-    assert shares[0][0] > shares[1][0] + 0.1 and shares[1][:2].sum() > shares[0][:2].sum() + 0.1
-    slots = recorded_pooled_slots(monkeypatch)
-    run_layers([one, two], config, [1] * n)
-    for layer_slots in slots[-2:]:  # the second pass's layers at the last token
-        for chunk in shared_chunks:
-            assert (layer_slots[0, :, -1] == chunk).any(axis=-1).all()
-
-
-@pytest.mark.parametrize("selection, keeps", [("two_pass", False), ("two_pass_carry", True), ("two_pass_reuse", True)])
-def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypatch, selection, keeps):
+@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse"])
+def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypatch, selection):
     """A prompt whose last query (a question's last token) attends to the needle's
     chunk, then a decoded token attending nearly uniformly, its pooled attention
-    ranking another chunk first: "two_pass_carry" and "two_pass_reuse" give every head
-    the needle's chunk at the decoded token too, "two_pass" that token's own choice."""
+    ranking another chunk first: every head keeps the needle's chunk at the decoded
+    token too."""
     w, L, n, needle = 8, 32, 96, 5
     q, k, v = layer_attending_to([needle], 8, w, n, seed=30)
     q[:, n - 2] = q[:, n - 1]
@@ -364,7 +298,7 @@ def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypa
     slots = recorded_pooled_slots(monkeypatch)
     run_layers([(q, k, v)], LongHeadsConfig(w, L, selection=selection), [n - 1, 1])
     last = slots[-1][0, :, -1]  # the second pass at the last token: [H, k]
-    assert (last == needle).any(axis=-1).all() == keeps
+    assert (last == needle).any(axis=-1).all()
 
 
 def test_two_pass_reuse_runs_a_first_pass_per_prompt_chunk_and_per_chunk_of_decoded_tokens(monkeypatch):
@@ -373,8 +307,8 @@ def test_two_pass_reuse_runs_a_first_pass_per_prompt_chunk_and_per_chunk_of_deco
     its pooled attention is never evaluated); a decoded token does only where no choice
     was noted in the chunk_size tokens before it, so once per chunk_size + 1 tokens."""
     w, L, prompt, decoded = 8, 32, 64, 27
-    calls, measure = [], longheads.PeakRelay.peakedness
-    monkeypatch.setattr(longheads.PeakRelay, "peakedness", lambda *a: calls.append(1) or measure(*a))
+    calls, measure = [], longheads.CarryRelay.peakedness
+    monkeypatch.setattr(longheads.CarryRelay, "peakedness", lambda *a: calls.append(1) or measure(*a))
     config = LongHeadsConfig(w, L, selection="two_pass_reuse")
     layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(2)]
     run_layers(layers, config, [prompt] + [1] * decoded)
@@ -426,18 +360,15 @@ class RecordingRoPE(nn.RoPE):
     n=st.integers(1, 90),
     step=st.integers(1, 40),
     prefill=st.sampled_from(["exact", "grouped"]),
+    selection=st.sampled_from(["two_pass_carry", "query_head"]),
 )
-def test_no_position_reaches_the_full_attention_length(w, k, full_extra, n, step, prefill):
+def test_no_position_reaches_the_full_attention_length(w, k, full_extra, n, step, prefill, selection):
     L, F = w * k, w * (k + full_extra)
-    q, k_, v = random_qkv(n, seed=n)
-    config = LongHeadsConfig(w, L, "pooled", prefill, full_attention_length=F)
-    cache, rope = LongHeadsCache(w), RecordingRoPE(D, base=BASE)
-    for start in range(0, n, step):
-        sl = slice(start, min(start + step, n))
-        out = longheads_attention(
-            *(mx.array(a[None, :, sl]) for a in (q, k_, v)), cache, rope, SCALE, config
-        )
-        assert not np.isnan(np.array(out)).any()
+    config = LongHeadsConfig(w, L, selection, prefill, full_attention_length=F)
+    rope = RecordingRoPE(D, base=BASE)
+    steps = [min(step, n - start) for start in range(0, n, step)]
+    (out,), (cache,) = run_layers([random_qkv(n, seed=n)], config, steps, rope=rope)
+    assert not np.isnan(out).any()
     assert min(n, F) - 1 <= rope.largest < F
     assert cache.complete_chunks == n // w
 
@@ -455,22 +386,19 @@ def quantization_round_trip(k, v, w, bits, group):
     return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
 
 
-@pytest.mark.parametrize("selection", ["query_head", "pooled"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "query_head"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
 def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps, selection):
     """kv_bits changes nothing but the stored keys and values (representations and the
-    pooled selection's attention included)."""
-    w, L, d, n = 8, 32, 32, 120
-    config = LongHeadsConfig(w, L, selection, prefill, kv_bits=bits).resolve(None, d)
+    two-pass selections' pooled attention included), at the shipped shape F > L."""
+    w, L, F, d, n = 8, 32, 48, 32, 120
+    config = LongHeadsConfig(w, L, selection, prefill, kv_bits=bits, full_attention_length=F).resolve(None, d)
     assert config.kv_group_size == 32  # the head dim, under 64
     q, k, v = random_qkv(n, seed=11, d=d)
     kq, vq = quantization_round_trip(k, v, w, bits, 32)
-    t = np.arange(n)
-    group_of = None if prefill == "exact" else (t // steps[0]) * 1000 + t // w
-    expected = reference.longheads(
-        q, kq, vq, w, L, d**-0.5, BASE, group_of=group_of, pooled=selection == "pooled"
-    )
+    (expected,), gap = expected_outputs([(q, kq, vq)], config, groups_of_calls(steps, w, prefill), d**-0.5)
+    assert gap > 1e-4
     out, cache = run(q, k, v, config, steps, scale=d**-0.5)
     assert cache.bits == bits and cache.keys[0].dtype == mx.uint32
     np.testing.assert_allclose(out, expected, atol=2e-5)

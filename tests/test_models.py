@@ -10,7 +10,7 @@ from mlx_lm.models import gpt2
 from conftest import clone, tiny_model
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import ConfigError, LongHeadsConfig
-from mlx_longheads.models import TwoPassCall, apply_longheads
+from mlx_longheads.models import apply_longheads
 
 CONFIG = LongHeadsConfig(chunk_size=8, attention_length=64)
 
@@ -49,17 +49,22 @@ def test_below_attention_length_generate_step_equals_stock(arch):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4)
 
 
-@pytest.mark.parametrize("n", [63, 64, 65, 95, 96, 97, 130])
-@pytest.mark.parametrize(
-    "selection",
-    ["query_head", "kv_head", "pooled", "peak", "two_pass", "two_pass_topk", "two_pass_carry", "two_pass_reuse"],
-)
-def test_exact_prefill_logits_equal_token_by_token_decode(arch, n, selection):
-    """Past the threshold (F = L = 64), with the model's layers linked under "peak" and
-    run twice per group under the two-pass selections ("two_pass_carry" reading the
+# Every selection on one architecture, and every architecture on the default.
+SELECTIONS_AND_ARCHITECTURES = [
+    *[("llama", s) for s in ("two_pass_carry", "two_pass_reuse", "query_head", "kv_head")],
+    ("qwen2", "two_pass_carry"),
+    ("qwen3", "two_pass_carry"),
+]
+
+
+@pytest.mark.parametrize("n", [63, 64, 65, 130])
+@pytest.mark.parametrize("arch, selection", SELECTIONS_AND_ARCHITECTURES)
+def test_exact_prefill_logits_equal_token_by_token_decode(arch, selection, n):
+    """At the shipped shape (F = 64 > L = 32, chunks of 8), on both sides of F: the
+    two-pass selections run twice per group past F ("two_pass_carry" reading the
     choices noted in the cache by the tokens before, "two_pass_reuse" skipping the first
     pass of a token that takes one)."""
-    config = LongHeadsConfig(8, 64, selection=selection, prefill="exact", full_attention_length=64)
+    config = LongHeadsConfig(8, 32, selection=selection, prefill="exact", full_attention_length=64)
     model = longheads_copy(tiny_model(arch), config)
     x = tokens(n, seed=n)
     prefill = model(x)
@@ -68,26 +73,22 @@ def test_exact_prefill_logits_equal_token_by_token_decode(arch, n, selection):
     np.testing.assert_allclose(np.array(prefill), np.array(decode), atol=1e-4)
 
 
-def test_two_pass_prefill_runs_each_chunk_twice_and_keeps_the_second(arch):
-    """Grouped prefill under "two_pass", one call: stock attention below F, then per
-    chunk the model's own forward call twice (the relay recording, then replaying), the
-    cache trimmed back in between; the second pass's logits and cache are kept."""
-    config = LongHeadsConfig(8, 64, selection="two_pass", full_attention_length=64)
-    model = longheads_copy(tiny_model(arch), config)
+def test_two_pass_prefill_in_one_call_equals_one_chunk_per_call(monkeypatch):
+    """Grouped prefill under the default, one call of 300 tokens: stock attention up to
+    F, then each chunk past F is its own group, run twice (the cache rolled back in
+    between), so the call gives the logits of feeding one chunk per call."""
+    config = LongHeadsConfig(8, 32, full_attention_length=64)
+    model = longheads_copy(tiny_model("llama"), config)
     x = tokens(300, seed=3)
+    relay, groups = model.two_pass_relay, []
+    between = relay.between_passes
+    monkeypatch.setattr(relay, "between_passes", lambda cache, n: groups.append(n) or between(cache, n))
     whole = model(x)
-    forward = super(TwoPassCall, model).__call__  # the model class's own
-    relay, cache, logits = model.two_pass_relay, model.make_cache(), []
-    bounds = [0, 64, *range(72, 300, 8), 300]
-    for a, b in zip(bounds, bounds[1:]):
-        if a >= 64:
-            relay.replaying = False
-            forward(x[:, a:b], cache=cache)
-            assert all(layer.trim(b - a) == b - a for layer in cache)
-            relay.replaying = True
-        logits.append(forward(x[:, a:b], cache=cache))
+    assert groups == [8] * 29 + [4]  # the chunks 64..295 and the last 4 tokens
+    cache, bounds = model.make_cache(), [0, 64, *range(72, 300, 8), 300]
+    pieces = [model(x[:, a:b], cache=cache) for a, b in zip(bounds, bounds[1:])]
     assert cache[0].offset == 300
-    np.testing.assert_allclose(np.array(whole), np.array(mx.concatenate(logits, axis=1)), atol=1e-4)
+    np.testing.assert_allclose(np.array(whole), np.array(mx.concatenate(pieces, axis=1)), atol=1e-4)
 
 
 @pytest.mark.parametrize("full_attention_length, stock_up_to", [(64, 64), (None, 256)])
@@ -142,7 +143,8 @@ def test_dynamic_ntk_rope_is_refused():
         (LongHeadsConfig(8, 512), "exceeds the model's trained length 256", "use at most 256"),
         (LongHeadsConfig(24, 64), "must be a multiple of chunk_size 24", "choose a chunk_size that divides it"),
         (LongHeadsConfig(32, 96), "at least 4 are needed", "lower chunk_size or raise attention_length"),
-        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'query_head', 'kv_head', 'pooled'"),
+        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'two_pass_carry', 'two_pass_reuse', 'query_head', 'kv_head'"),
+        (LongHeadsConfig(8, 64, selection="pooled"), "selection 'pooled' was removed", "use one of 'two_pass_carry'"),
         (LongHeadsConfig(8, 64, full_attention_length=32), "at least attention_length 64", "use 64 for the paper's rule"),
         (LongHeadsConfig(8, 64, full_attention_length=100), "must be a multiple of chunk_size 8", "or the trained length"),
         (LongHeadsConfig(8, 64, full_attention_length=512), "full_attention_length 512 exceeds", "use at most 256"),

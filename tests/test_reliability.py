@@ -90,9 +90,12 @@ def assert_cache_holds(cache: List[LongHeadsCache], tokens: int) -> None:
             continue
         capacity = layer.keys.shape[2]
         # Linear in the capacity: keys and values per token, a representation per
-        # chunk, and the queries of the incomplete chunk and of the last (at most
-        # UNDO_CHUNKS) complete ones.
-        assert layer.nbytes == FLOAT32 * HEAD_DIM * (
+        # chunk, the queries of the incomplete chunk and of the last (at most
+        # UNDO_CHUNKS) complete ones, and a noted choice per token where the two-pass
+        # selections noted one (layer 0).
+        noted = 0 if layer.choices is None else layer.choices.nbytes
+        assert noted == 0 or layer.choices.shape[1] == capacity
+        assert layer.nbytes - noted == FLOAT32 * HEAD_DIM * (
             capacity * 2 * Hk + capacity // w * H + (1 + min(UNDO_CHUNKS, complete)) * w * H
         )
         for buffer in (layer.keys, layer.values):
@@ -169,7 +172,7 @@ def runs(draw) -> Run:
         step=draw(st.integers(1, L)),
         max_size=draw(st.one_of(st.none(), st.integers(1, 3 * L))),
         prefill=draw(st.sampled_from(["grouped", "exact"])),
-        selection=draw(st.sampled_from(["query_head", "kv_head", "pooled"])),
+        selection=draw(st.sampled_from(["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"])),
     )
 
 
@@ -250,7 +253,7 @@ def test_buffers_grow_by_one_step_and_preallocation_keeps_nbytes_constant(w, max
     arch=st.sampled_from(list(ARCHITECTURES)),
     w=st.sampled_from([4, 8]),
     chunks=st.integers(4, 5),
-    selection=st.sampled_from(["query_head", "kv_head", "pooled"]),
+    selection=st.sampled_from(["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"]),
     cuts=st.lists(st.integers(1, 30), min_size=2, max_size=5),
 )
 def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token(
@@ -283,13 +286,17 @@ def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token
 # --- batches ---
 
 
-@pytest.mark.parametrize("selection", ["query_head", "pooled"])
+@pytest.mark.parametrize(
+    "arch, selection",
+    [*[("llama", s) for s in ("two_pass_carry", "two_pass_reuse", "query_head", "kv_head")], ("qwen3", "two_pass_carry")],
+)
 @pytest.mark.parametrize("prefill", ["grouped", "exact"])
 def test_a_batch_of_two_prompts_gives_each_row_the_logits_it_gets_alone(arch, prefill, selection):
-    """Batches work (selection is per row): two different prompts past L, prefilled in
-    two calls and then decoded, give each row the logits of its prompt run alone."""
+    """Batches work (selection is per row): two different prompts past F (48 > L = 32),
+    prefilled in two calls and then decoded, give each row the logits of its prompt run
+    alone."""
     model = tiny_model(arch)
-    config = LongHeadsConfig(8, 32, selection, prefill=prefill, full_attention_length=32)
+    config = LongHeadsConfig(8, 32, selection, prefill=prefill, full_attention_length=48)
     apply_longheads(model, config)
     tokens = random_tokens(75, seed=1, rows=2)
     calls = [(0, 30), (30, 70)] + [(t, t + 1) for t in range(70, 75)]
