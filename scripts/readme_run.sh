@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's example session: a 12k-token passkey prompt (1.5x SmolLM2's trained length)
-# through the CLI, with its output and statistics, into results/readme_session.txt.
+# The README's example run: a 12k-token passkey prompt (1.5x SmolLM2's trained length)
+# through the CLI, with its output and statistics, into results/readme_run.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prompt=results/passkey_12k_prompt.txt
@@ -16,5 +16,5 @@ command=".venv/bin/python -m mlx_longheads.generate --prompt-file $prompt --igno
   echo "\$ $command"
   # The progress bar redraws with \r: keep only its last state.
   $command 2>&1 | tr '\r' '\n' | awk '/^prefill \[/ {bar = $0; next} {if (bar) print bar; bar = ""; print}' 
-} > results/readme_session.txt
-cat results/readme_session.txt
+} > results/readme_run.txt
+cat results/readme_run.txt
