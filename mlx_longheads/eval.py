@@ -13,7 +13,9 @@ the sample in progress.
 """
 
 import argparse
+import importlib.metadata
 import json
+import subprocess
 import sys
 import time
 from contextlib import ExitStack, contextmanager
@@ -41,10 +43,26 @@ DEFAULT_FORCED = "first+prev"
 SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
-    "longheads[:L=..,w=..,sel=query_head|kv_head|pooled|peak|two_pass|two_pass_topk|two_pass_carry|two_pass_reuse,prefill=grouped|exact,F=..,"
+    f"longheads[:L=..,w=..,sel={'|'.join(SELECTIONS)},prefill=grouped|exact,F=..,"
     "score=raw|rotated,forced=first+prev|first|prev,kv=8|4,kvg=32|64|128], full, window[:L=..], "
     "or the presets baselines, ablation and designs"
 )
+
+
+def code_version(package: Path = Path(__file__).parent) -> str:
+    """Which code made a record: `git describe --always --dirty` where the package sits
+    in a git checkout, else the installed distribution's version."""
+    checkout = package.parent
+    if (checkout / ".git").exists():
+        described = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=checkout, capture_output=True, text=True
+        )
+        if described.returncode == 0:
+            return described.stdout.strip()
+    try:
+        return f"mlx-longheads {importlib.metadata.version('mlx-longheads')}"
+    except importlib.metadata.PackageNotFoundError:  # a copied tree on the path
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -128,17 +146,22 @@ def parse_method(
     score, forced = options.get("score", "raw"), options.get("forced", DEFAULT_FORCED)
     if score not in SCORES or forced not in FORCED:
         raise ValueError(f"method {text!r}: score is one of {SCORES}, forced one of {FORCED}")
-    if config.pools and (score, forced) != ("raw", DEFAULT_FORCED):
-        raise ValueError(f"method {text!r}: the score and forced ablations apply to sel=query_head or kv_head only")
+    if config.runs_twice and (score, forced) != ("raw", DEFAULT_FORCED):
+        raise ValueError(
+            f"method {text!r}: the score and forced ablations wrap the per-head selection, "
+            f"which sel={config.selection} does not use alone"
+        )
     return Method("longheads", config, score=score, forced=forced)
 
 
 def presets(trained_length: int) -> Dict[str, List[str]]:
-    """baselines: issue #5 part 3; ablation: part 4; designs: the selections of issue
-    #17 (the paper's threshold F = L and F = the trained length, each with the paper's
-    per-head selection and the pooled one; peak and the two-pass selections at F = the
-    trained length). Lengths are fractions of the trained length, rounded to a multiple
-    of every chunk size used."""
+    """Named lists of methods. baselines: LongHeads' defaults against full attention and
+    the sliding window, with its main variations; ablation: one of the defaults changed
+    at a time, and the paper's rule with its chunk score or forced chunks changed;
+    designs: the selection rules side by side: the paper's per-head rule at its
+    threshold F = L and at F = the trained length, two_pass_carry and two_pass_reuse.
+    Lengths are fractions of the trained length, rounded to a multiple of every chunk
+    size used."""
     fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
     quarter, half, three_quarters = fraction(0.25), fraction(0.5), fraction(0.75)
     return {
@@ -155,9 +178,7 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
         ],
         "designs": [
             "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
-            f"longheads:sel=pooled,F={quarter}", "longheads:sel=pooled", "longheads:sel=peak",
-            "longheads:sel=two_pass", "longheads:sel=two_pass_topk", "longheads:sel=two_pass_carry",
-            "longheads:sel=two_pass_reuse",
+            "longheads:sel=two_pass_carry", "longheads:sel=two_pass_reuse",
         ],
     }
 
@@ -538,8 +559,11 @@ def evaluate(args) -> None:
     )
     methods = parse_methods(args.methods, flags, trained, head_dim(stock.args))
     # Recorded, not part of a result's identity, so CPU (float32) and GPU (the model's
-    # dtype) runs can be told apart.
-    runs_on = dict(device=str(mx.default_device()), dtype=str(stock.model.embed_tokens(mx.array([[0]])).dtype))
+    # dtype) runs, and the code that made each record, can be told apart.
+    runs_on = dict(
+        device=str(mx.default_device()), dtype=str(stock.model.embed_tokens(mx.array([[0]])).dtype),
+        commit=code_version(),
+    )
 
     jobs = []
     for task in tasks:

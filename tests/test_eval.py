@@ -1,5 +1,6 @@
 """The evaluation tool: tasks, scoring, methods, resuming, report and bad input."""
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -13,8 +14,8 @@ from mlx_lm.models.cache import make_prompt_cache
 from conftest import clone, tiny_model
 from mlx_longheads import eval as evaluation
 from mlx_longheads import longheads
-from mlx_longheads.config import LongHeadsConfig
-from mlx_longheads.eval_report import results_path, write_report
+from mlx_longheads.config import SELECTIONS, LongHeadsConfig
+from mlx_longheads.eval_report import NO_COMMIT, NO_COMMIT_NOTE, SELECTION_NOTES, results_path, write_report
 from mlx_longheads.load import load
 from mlx_longheads.models import apply_longheads
 from mlx_longheads.tasks import ANIMALS, QA_TASKS, make_sample, perplexity_text
@@ -89,8 +90,8 @@ def test_method_names_are_canonical():
     same = evaluation.parse_methods("longheads,longheads:L=2048,w=256,F=8192", flags, trained)
     assert len(same) == 1
     # F = L, the paper's threshold, keeps the name the results had before F existed.
-    paper = evaluation.parse_methods("longheads:F=2048,sel=pooled", flags, trained)
-    assert [m.name for m in paper] == ["longheads:L=2048,w=256,sel=pooled,prefill=grouped"]
+    paper = evaluation.parse_methods("longheads:F=2048,sel=query_head", flags, trained)
+    assert [m.name for m in paper] == ["longheads:L=2048,w=256,sel=query_head,prefill=grouped"]
     ablation = [m.name for m in evaluation.parse_methods("ablation", flags, trained)]
     for length in (2048, 4096, 6144):  # a quarter, half and three quarters of the trained length
         assert f"longheads:L={length},w=256,sel=two_pass_carry,prefill=grouped,F=8192" in ablation
@@ -100,16 +101,11 @@ def test_method_names_are_canonical():
         "full",
         "longheads:L=2048,w=256,sel=query_head,prefill=grouped",
         "longheads:L=2048,w=256,sel=query_head,prefill=grouped,F=8192",
-        "longheads:L=2048,w=256,sel=pooled,prefill=grouped",
-        "longheads:L=2048,w=256,sel=pooled,prefill=grouped,F=8192",
-        "longheads:L=2048,w=256,sel=peak,prefill=grouped,F=8192",
-        "longheads:L=2048,w=256,sel=two_pass,prefill=grouped,F=8192",
-        "longheads:L=2048,w=256,sel=two_pass_topk,prefill=grouped,F=8192",
         "longheads:L=2048,w=256,sel=two_pass_carry,prefill=grouped,F=8192",
         "longheads:L=2048,w=256,sel=two_pass_reuse,prefill=grouped,F=8192",
     ]
     bad_methods = ("sparse", "longheads:x=1", "longheads:L=big", "window:w=3", "longheads:score=odd",
-                   "longheads:sel=pooled,score=rotated", "longheads:F=1024")
+                   "longheads:sel=two_pass_carry,score=rotated", "longheads:F=1024", "longheads:sel=pooled")
     for bad in bad_methods:
         with pytest.raises(ValueError):
             evaluation.parse_methods(bad, flags, trained)
@@ -148,6 +144,8 @@ def test_selection_ablations_keep_the_window_valid(score, forced):
             longheads.select_chunks = variant
     assert longheads.select_chunks.__name__ == "select_chunks"  # restored
     assert mx.isfinite(out).all().item() and not mx.allclose(out, plain).item()
+    # One call per layer, selecting for the chunks of the queries past F (chunks 4 to 12).
+    assert [own.tolist() for own, _ in chosen] == [list(range(4, 13))] * len(model.layers)
     k = config.num_chunks
     for own, slots in chosen:
         slots, own = slots.tolist(), own.tolist()
@@ -160,6 +158,8 @@ def test_selection_ablations_keep_the_window_valid(score, forced):
 
 def fake_run_sample(task, model, tokenizer, method, n, index, seed, progress, prefixes=None):
     progress(n, n)
+    if task == "perplexity":
+        return dict(tokens=n, repeats_at=10**6, buckets=[[0, n, 2.0 * (n - 1), n - 1]], nll=2.0, prefill_s=0.0, total_s=0.0)
     return dict(tokens=n, score=1.0, answer=" 1", prefill_s=0.0, total_s=0.0)
 
 
@@ -221,8 +221,24 @@ def test_first_sample_runs_a_later_share_of_the_samples(tmp_path, fake_model):
     assert [json.loads(line)["index"] for line in lines] == [3, 4, 0, 1, 2]
 
 
+def test_code_version_names_the_checkout_or_else_the_installed_version(tmp_path):
+    checkout = Path(evaluation.__file__).parents[1]
+    described = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=checkout, capture_output=True, text=True)
+    assert evaluation.code_version() == described.stdout.strip() != ""
+    installed = tmp_path / "site-packages" / "mlx_longheads"
+    assert evaluation.code_version(installed) == f"mlx-longheads {importlib.metadata.version('mlx-longheads')}"
+
+
+def test_every_record_names_the_code_that_made_it(tmp_path, fake_model, monkeypatch):
+    monkeypatch.setattr(evaluation, "code_version", lambda: "abc1234-dirty")
+    evaluation.main(["passkey,perplexity", "--lengths", "1k", "--samples", "1", "--methods", "full",
+                     "--output", str(tmp_path)])
+    for task in ("passkey", "perplexity"):
+        assert json.loads(results_path(tmp_path, task, "full").read_text())["commit"] == "abc1234-dirty"
+
+
 def test_the_report_is_drawn_from_the_results(tmp_path):
-    base = dict(model="default", seed=0, trained_length=8192, prefill_s=1.0, total_s=2.0)
+    base = dict(model="default", seed=0, trained_length=8192, prefill_s=1.0, total_s=2.0, commit="abc1234")
     records = {
         ("passkey", "full"): [dict(length=n, index=0, score=1.0, tokens=n) for n in (4096, 8192)]
         + [dict(length=16384, index=0, skipped="beyond --max-length-full")],
@@ -242,10 +258,30 @@ def test_the_report_is_drawn_from_the_results(tmp_path):
     report = write_report(tmp_path).read_text()
     assert "| `full` | 1.00 (1) | 1.00 (1) | skipped |" in report
     assert "| `window:L=4096` | 0.45 (11) | 0.45 (11) |" in report
-    assert "| `longheads:L=4096` | 0.60 (2) |" in report  # share of heads holding the key's chunk
+    assert "| `longheads:L=4096` |  | 0.60 (2) |  |" in report  # share of heads holding the key's chunk, at 8k
     assert "| `full` | 18.78 | 11.49 |" in report  # exp(3000/1023), exp(2500/1024)
     for png in ("passkey/score_vs_length.png", "needle/heatmap.png", "perplexity/perplexity_vs_position.png"):
         assert (tmp_path / png).stat().st_size > 10_000
+    assert NO_COMMIT not in report and "removed" not in report
+
+
+def test_the_report_sets_removed_selections_apart_and_marks_records_without_commit(tmp_path):
+    base = dict(task="passkey", model="default", seed=0, trained_length=8192, length=16384, index=0,
+                score=1.0, tokens=16384, prefill_s=1.0, total_s=2.0)
+    kept = "longheads:L=2048,w=256,sel=two_pass_carry,prefill=grouped,F=8192"
+    gone = "longheads:L=2048,w=256,sel=pooled,prefill=grouped,F=8192"  # records of a removed selection
+    for method, commit in ((kept, dict(commit="abc1234")), (gone, {})):
+        path = results_path(tmp_path, "passkey", method)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(dict(base, method=method, **commit)) + "\n")
+    report = write_report(tmp_path).read_text()
+    notes, _, tables = report.partition("## passkey")
+    library, _, removed = tables.partition("### passkey: removed selections")
+    assert f"| `{kept}` | 1.00 (1) |" in library and gone not in library
+    assert f"| `{gone}` {NO_COMMIT} | 1.00 (1) |" in removed and kept not in removed
+    assert NO_COMMIT_NOTE in notes
+    assert "- `sel=pooled` (removed from the library): " in notes and "- `sel=two_pass_carry` (the default): " in notes
+    assert all(selection in SELECTION_NOTES for selection in SELECTIONS)
 
 
 @pytest.mark.parametrize(
@@ -279,7 +315,7 @@ def test_the_command_line_runs_every_method_on_the_embedded_model(tmp_path):
     for method in ("full", "window:L=64", "longheads:L=64,w=16,sel=two_pass_carry,prefill=grouped"):
         assert f"| `{method}` |" in report
         record = json.loads(results_path(tmp_path, "perplexity", method).read_text())
-        assert record["tokens"] == 160 and record["buckets"][0][3] == 159
+        assert record["tokens"] == 160 and record["buckets"][0][3] == 159 and record["commit"]
         nll[method] = record["nll"]
     assert 1 < nll["full"] < 8 and len(set(nll.values())) == 3
 
@@ -291,7 +327,7 @@ def test_a_question_is_answered_greedily(embedded):
         "needle", model, tokenizer, evaluation.Method("full"), 200, 0, 0, lambda *a: seen.append(a)
     )
     assert record["tokens"] == len(tokenizer.encode(make_sample("needle", tokenizer, 200, 0).prompt))
-    assert record["score"] in (0.0, 1.0) and record["answer"].strip()
+    assert record["answer"].startswith(record["expected"][0]) and record["score"] == 1.0
     assert record["prefill_s"] > 0 and seen[-1] == (record["tokens"], record["tokens"])
 
 
@@ -325,7 +361,7 @@ def test_a_prefix_store_shares_the_stock_attention_part_between_selections(monke
     stock = tiny_model("llama")
     prompt = [i * 7 % 97 for i in range(200)]
     models, methods = [], []
-    for selection, F in (("query_head", 128), ("pooled", 128), ("query_head", 64)):
+    for selection, F in (("query_head", 128), ("two_pass_carry", 128), ("query_head", 64)):
         model = clone(stock)
         config = apply_longheads(model, LongHeadsConfig(16, 64, selection, full_attention_length=F))
         models.append(model)
