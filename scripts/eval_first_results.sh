@@ -96,7 +96,7 @@ $python -m mlx_longheads.eval report --output results/eval
 $python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:L=2048,F=8192,sel=query_head --output results/eval
 $python -m mlx_longheads.eval passkey --lengths 16k --samples 4 --methods longheads:L=2048,F=8192,sel=query_head --output results/eval
 $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:L=2048,F=8192,sel=query_head --output results/eval
-# pooled was removed from the library on 2026-12-02; the records stay in results/:
+# pooled was removed from the library on 2026-12-02 (commit c250878); the records stay in results/:
 #   $python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:L=2048,F=8192,sel=pooled --output results/eval
 #   $python -m mlx_longheads.eval passkey --lengths 16k --samples 4 --methods longheads:L=2048,F=8192,sel=pooled --output results/eval
 #   $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:L=2048,F=8192,sel=pooled --output results/eval
@@ -108,28 +108,28 @@ $python -m mlx_longheads.eval report --output results/eval
 
 # 2026-11-30 (commits 254feb6, dc1b13e): multikey at 16k with pooled, the default then
 # (processes side by side: samples 0-4, 5-7, 8-9), and the pass key at 64k (samples 0, 1, 2:
-# one process each). pooled was removed from the library on 2026-12-02; the records stay in results/:
+# one process each). pooled was removed from the library on 2026-12-02 (commit c250878); the records stay in results/:
 #   $python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods longheads:L=2048,F=8192,sel=pooled --output results/eval
 #   $python -m mlx_longheads.eval passkey --lengths 64k --samples 3 --methods longheads:L=2048,F=8192,sel=pooled --output results/eval
 
 # 2026-11-30 (commit ebec547): the "peak" selection (each layer's shared slots follow the most
 # peaked pooled attention of the layers so far in the forward call) on the needle grid at 16k,
 # multikey at 16k (pooled's misses first), perplexity and one pass key at 16k, one sample per
-# process (--first-sample N --samples 1). peak was removed from the library on 2026-12-02;
+# process (--first-sample N --samples 1). peak was removed from the library on 2026-12-02 (commit c250878);
 # the records stay in results/:
 #   $python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:L=2048,F=8192,sel=peak --output results/eval
 #   $python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods longheads:L=2048,F=8192,sel=peak --output results/eval
 #   $python -m mlx_longheads.eval perplexity --lengths 16k --samples 1 --methods longheads:L=2048,F=8192,sel=peak --output results/eval
 #   $python -m mlx_longheads.eval passkey --lengths 16k --samples 1 --methods longheads:L=2048,F=8192,sel=peak --output results/eval
 # and quantized K/V at 8k with pooled, the default then (commit 32db76f; the run was stopped
-# after its first record, kv=8 sample 0). pooled was removed from the library on 2026-12-02;
+# after its first record, kv=8 sample 0). pooled was removed from the library on 2026-12-02 (commit c250878);
 # the records stay in results/:
 #   $python -m mlx_longheads.eval passkey --lengths 8k --samples 2 --methods longheads:L=2048,F=8192,sel=pooled,kv=8,longheads:L=2048,F=8192,sel=pooled,kv=4 --output results/eval
 
 # 2026-12-01 (commit 7a4bbdc): the "two_pass" selection (each group past F through the model
 # twice, every layer's shared slots following the first pass's most peaked layer) on the same
 # samples, one sample per process; then (commit 0d9e52c) one 32k needle sample (1, depth 50%)
-# with two_pass, the default then. two_pass was removed from the library on 2026-12-02; the
+# with two_pass, the default then. two_pass was removed from the library on 2026-12-02 (commit c250878); the
 # records stay in results/:
 #   $python -m mlx_longheads.eval needle --lengths 16k --samples 11 --methods longheads:L=2048,F=8192,sel=two_pass --output results/eval
 #   $python -m mlx_longheads.eval multikey --lengths 16k --samples 10 --methods longheads:L=2048,F=8192,sel=two_pass --output results/eval
