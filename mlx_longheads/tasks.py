@@ -4,8 +4,10 @@ Each task turns (tokenizer, n_tokens, rng) into a `Sample`: a prompt of about n_
 tokens, the answers that count, where they were planted and how an answer is scored.
 The haystack is natural English (CPython's `pydoc_data.topics`, on every machine); the
 needles follow RULER (Hsieh et al. 2024): "special magic numbers" for named keys.
-Prompts end with a completion cue ("... The special magic number for Lima is") because
-the default model is small; answers are greedy.
+`fact` and `fact_multi` ask as a reader of a real document would: no intro announces
+the needle, which is a plain sentence like the text around it, and the question says it
+in other words. Prompts end with a completion cue ("... The special magic number for
+Lima is") because the default model is small; answers are greedy.
 """
 
 import random
@@ -222,15 +224,145 @@ def aggregation_sample(tokenizer, n_tokens: int, rng: random.Random) -> Sample:
     )
 
 
+@dataclass(frozen=True)
+class Fact:
+    """A plain sentence with a number at its end, and a question about it in other words.
+
+    Fields: {first} {last} (a person, asked by surname), {place}, {street}; {number} is
+    the answer, drawn from NUMBERS[kind].
+    """
+
+    needle: str
+    question: str  # ends with the completion cue
+    kind: str
+
+
+FACTS = (
+    Fact(
+        "The archive in {place} was moved to a new building in {number}.",
+        "In what year did {place}'s archive relocate? It relocated in",
+        "year",
+    ),
+    Fact(
+        "{first} {last} published a first novel, set in {place}, in {number}.",
+        "When did {last}'s debut book about {place} come out? It came out in",
+        "year",
+    ),
+    Fact(
+        "{first} {last} founded the rowing club of {place} in {number}.",
+        "When did {last} start a rowing club in {place}? {last} started it in",
+        "year",
+    ),
+    Fact(
+        "Last year the number of sheep on the farm that {first} {last} owns near {place} rose to {number}.",
+        "How many sheep does {last} keep outside {place}? {last} keeps",
+        "count",
+    ),
+    Fact(
+        "The concert hall in {place} has a seating capacity of {number}.",
+        "How many people can sit in {place}'s concert hall? It seats",
+        "count",
+    ),
+    Fact(
+        "{first} {last} repairs clocks in a workshop on {street} Street, at house number {number}.",
+        "At which address on {street} Street can you find {last}'s clock repair shop? The shop is at number",
+        "house number",
+    ),
+    Fact(
+        "The {first} {last} scholarship at the university of {place} pays each student a yearly sum in euros of {number}.",
+        "How much money does {last}'s scholarship give a student in {place} every year? Each year a student receives",
+        "amount",
+    ),
+    Fact(
+        "The mountain hut above {place} was built at an altitude of {number}.",
+        "How high up is the hut in the mountains over {place}? The hut is at a height of",
+        "height",
+    ),
+)
+NUMBERS = {
+    "year": range(1820, 1996),
+    "count": range(120, 1000),
+    "house number": range(120, 1000),
+    "amount": range(1200, 10000),
+    "height": range(1200, 4000),
+}
+FIRST_NAMES = (
+    "Maria", "Jonas", "Amara", "Kenji", "Lucia", "Tomas", "Ingrid", "Rafael", "Nadia",
+    "Oskar", "Priya", "Mateo", "Leila", "Henrik", "Sofia", "Dmitri",
+)
+LAST_NAMES = (
+    "Novak", "Lindqvist", "Okafor", "Tanaka", "Moreau", "Kowalski", "Haddad", "Brennan",
+    "Castillo", "Virtanen", "Mendes", "Petrov", "Nakamura", "Adeyemi", "Fischer", "Rossi",
+)
+STREETS = (
+    "Linden", "Harbour", "Mill", "Chestnut", "Orchard", "Willow", "Castle", "Quarry",
+    "Ferry", "Tanner", "Rope", "Baker",
+)
+N_FACT_DISTRACTORS = 3  # fact_multi: facts of the asked one's template besides it
+MIN_FACT_GAP = 0.05  # fact_multi: the distractors' least distance in depth from the asked one
+
+
+@lru_cache(maxsize=None)
+def unused_numbers(kind: str) -> Tuple[int, ...]:
+    """The numbers of a kind that no digit run of the corpus contains, so the answer
+    occurs once in any prompt, even one longer than the corpus."""
+    runs = set(re.findall(r"\d+", CORPUS))
+    used = {r[i:j] for r in runs for i in range(len(r)) for j in range(i + 1, len(r) + 1)}
+    return tuple(n for n in NUMBERS[kind] if str(n) not in used)
+
+
+def fact_sample(
+    tokenizer, n_tokens: int, rng: random.Random, depth: Optional[float] = None,
+    n_distractors: int = 0,
+) -> Sample:
+    """One fact at a depth (default: a grid depth), n_distractors facts of its template
+    about other entities with other numbers elsewhere; the question asks the first."""
+    if depth is None:
+        depth = rng.choice(NEEDLE_DEPTHS)
+    fact = rng.choice(FACTS)
+    n = 1 + n_distractors
+    numbers = rng.sample(unused_numbers(fact.kind), n)
+    entities = [
+        dict(first=first, last=last, place=place, street=street)
+        for first, last, place, street in zip(
+            rng.sample(FIRST_NAMES, n), rng.sample(LAST_NAMES, n), rng.sample(KEYS, n), rng.sample(STREETS, n)
+        )
+    ]
+    sentences = [" " + fact.needle.format(number=v, **e) for v, e in zip(numbers, entities)]
+    depths = [depth]
+    while len(depths) < n:
+        d = rng.random()
+        if abs(d - depth) >= MIN_FACT_GAP:
+            depths.append(d)
+    question = "\n\n" + fact.question.format(**entities[0])
+    prompt = haystack(tokenizer, n_tokens, rng, "", list(zip(depths, sentences)), question)
+    expected = (str(numbers[0]),)
+    params: Dict[str, object] = {"fact": sentences[0].strip()}
+    if n_distractors:
+        params.update(distractors=[s.strip() for s in sentences[1:]], distractor_depths=depths[1:])
+    return Sample(
+        prompt, expected, (depth,), 12, params,
+        lambda answer: fraction_found(expected, answer),
+    )
+
+
+def fact_multi_sample(
+    tokenizer, n_tokens: int, rng: random.Random, depth: Optional[float] = None
+) -> Sample:
+    """A fact and N_FACT_DISTRACTORS more of its template: the question must tell them apart."""
+    return fact_sample(tokenizer, n_tokens, rng, depth, N_FACT_DISTRACTORS)
+
+
 QA_TASKS = {
     "passkey": passkey_sample,
     "needle": needle_sample,
     "multikey": multikey_sample,
     "multivalue": multivalue_sample,
     "aggregation": aggregation_sample,
+    "fact": fact_sample,
+    "fact_multi": fact_multi_sample,
 }
-
-
+GRID_TASKS = ("needle", "fact", "fact_multi")  # sample i's needle at NEEDLE_DEPTHS[i % 11]
 
 
 def sample_rng(task: str, n_tokens: int, index: int, seed: int) -> random.Random:
@@ -239,10 +371,11 @@ def sample_rng(task: str, n_tokens: int, index: int, seed: int) -> random.Random
 
 
 def make_sample(task: str, tokenizer, n_tokens: int, index: int, seed: int = 0) -> Sample:
-    """Sample `index` of a question task at n_tokens; the needle walks NEEDLE_DEPTHS."""
+    """Sample `index` of a question task at n_tokens; the grid tasks' needle walks
+    NEEDLE_DEPTHS."""
     rng = sample_rng(task, n_tokens, index, seed)
-    if task == "needle":
-        return needle_sample(tokenizer, n_tokens, rng, NEEDLE_DEPTHS[index % len(NEEDLE_DEPTHS)])
+    if task in GRID_TASKS:
+        return QA_TASKS[task](tokenizer, n_tokens, rng, NEEDLE_DEPTHS[index % len(NEEDLE_DEPTHS)])
     return QA_TASKS[task](tokenizer, n_tokens, rng)
 
 
