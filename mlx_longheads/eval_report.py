@@ -10,7 +10,7 @@ from typing import Dict, Iterable, List, Tuple
 from .config import SELECTIONS, LongHeadsConfig
 from .generation import format_context_length
 
-TASK_ORDER = ["passkey", "needle", "multikey", "multivalue", "aggregation", "perplexity"]
+TASK_ORDER = ["passkey", "needle", "multikey", "multivalue", "aggregation", "fact", "fact_multi", "perplexity"]
 
 SCORING = {
     "passkey": "1 when the greedy answer starts with the pass key (a whole number)",
@@ -18,6 +18,8 @@ SCORING = {
     "multikey": "1 when the answer contains the asked key's number (3 other keys planted)",
     "multivalue": "share of the key's 4 numbers in the answer",
     "aggregation": "hits / (6 planted animals + wrong animals named)",
+    "fact": "1 when the answer contains the number of a plain fact asked in other words (no intro)",
+    "fact_multi": "1 when the answer contains the asked fact's number (3 facts of its template planted)",
 }
 KIND_NOTES = {  # the kinds of method, and the LongHeads terms every name has
     "full": "- `full`: stock attention over every token (mlx-lm's KV cache).",

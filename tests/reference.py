@@ -28,7 +28,7 @@ def representation(q, k, v, scale, base):
 
 
 def longheads(
-    q, k, v, w, L, scale, base, group_of=None, per_kv_head=False, F=None, pooled=False, mass=None
+    q, k, v, w, L, scale, base, group_of=None, per_kv_head=False, F=None, pooled=False, mass=None, gaps=None
 ):
     """Outputs [H, N, D] for queries q [H, N, D] and keys, values [Hk, N, D].
 
@@ -38,7 +38,9 @@ def longheads(
     two-pass selections', `two_pass_layers`); the rest each head's own.
     group_of[t]: queries with the same value share one selection, scored by the sum
     of their scores (None: each token selects alone). per_kv_head: the scores of the
-    query heads of a KV head are summed and the KV head selects once.
+    query heads of a KV head are summed and the KV head selects once. gaps: a list each
+    ranking appends its margin to, the score of the last chunk taken less the next one's
+    (how far from a tie that rounding could decide).
     """
     H, N, D = q.shape
     Hk = k.shape[0]
@@ -69,7 +71,9 @@ def longheads(
         shared = []
         if pooled and own >= full_chunks:
             newest = members.max()
-            shared = [int(c) for c in 1 + np.argsort(-mass(newest), kind="stable")[: -(-retrieved // 2)]]
+            total = mass(newest)
+            shared = [int(c) for c in 1 + np.argsort(-total, kind="stable")[: -(-retrieved // 2)]]
+            note_margin(gaps, total, len(shared))
         for h in range(H):
             kv = h // rep_heads
             if own < full_chunks:
@@ -81,6 +85,7 @@ def longheads(
             scores = sum(q[g, members].sum(axis=0) @ reps[g, 1 : own - 1].T for g in heads)
             ranked = [c for c in 1 + np.argsort(-scores, kind="stable") if c not in shared]
             top = [*shared, *ranked[: retrieved - len(shared)]]
+            note_margin(gaps, scores[[c - 1 for c in ranked]], retrieved - len(shared))
             chunks = [0, *sorted(top), own - 1]
             index = np.concatenate([np.arange(c * w, (c + 1) * w) for c in chunks])
             index = np.concatenate([index, np.arange(own * w, t + 1)])
@@ -88,6 +93,13 @@ def longheads(
             query = rope(q[h, t], len(index) - 1, base)
             out[h, t] = softmax(query @ keys.T * scale) @ v[kv, index]
     return out
+
+
+def note_margin(gaps, scores, taken):
+    """Append to gaps the margin between the `taken`-th largest score and the next."""
+    if gaps is not None and 0 < taken < len(scores):
+        ordered = np.sort(scores)[::-1]
+        gaps.append(ordered[taken - 1] - ordered[taken])
 
 
 def selected_chunks(q, reps, t, w, L):
@@ -121,7 +133,8 @@ def two_pass_layers(layers, w, L, scale, base, group_of=None, F=None, reuse=Fals
     are the top of the pooled mass of the most peaked layer of all (the largest share
     of its mass on one chunk; the later layer on a tie; the layers' inputs being those
     of the first pass, which are these), or the top shared chunks of an earlier group's
-    where that was more peaked (`carried_masses`)."""
+    where that was more peaked (`carried_masses`). The gap covers the rankings too
+    (`note_margin`)."""
     gaps = [np.inf]
     masses = [
         lambda newest, q=q, k=k: pooled_mass(q[:, newest], k, newest // w, w, scale, base)
@@ -138,7 +151,7 @@ def two_pass_layers(layers, w, L, scale, base, group_of=None, F=None, reuse=Fals
     n = layers[0][0].shape[1]
     carried = carried_masses(most_peaked, n, w, L, F or L, group_of, gaps, reuse)
     outputs = [
-        longheads(q, k, v, w, L, scale, base, group_of=group_of, F=F, pooled=True, mass=carried.__getitem__)
+        longheads(q, k, v, w, L, scale, base, group_of=group_of, F=F, pooled=True, mass=carried.__getitem__, gaps=gaps)
         for q, k, v in layers
     ]
     return outputs, min(gaps)

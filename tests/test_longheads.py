@@ -74,17 +74,18 @@ def run(q, k, v, config, steps, scale=SCALE):
 
 def expected_outputs(layers, config, group_of=None, scale=SCALE):
     """The numpy rule's outputs of each layer under `config`'s selection, and the
-    smallest gap between two shares it compared (inf where it compared none)."""
+    smallest margin of its choices: between two shares or two chunks' scores it
+    ranked (inf where it ranked none)."""
     w, L, F = config.chunk_size, config.attention_length, config.full_attention_length
     if config.runs_twice:
         reuse = config.selection == "two_pass_reuse"
         return reference.two_pass_layers(layers, w, L, scale, BASE, group_of=group_of, F=F, reuse=reuse)
-    per_kv_head = config.selection == "kv_head"
+    per_kv_head, gaps = config.selection == "kv_head", [np.inf]
     outputs = [
-        reference.longheads(q, k, v, w, L, scale, BASE, group_of=group_of, per_kv_head=per_kv_head, F=F)
+        reference.longheads(q, k, v, w, L, scale, BASE, group_of=group_of, per_kv_head=per_kv_head, F=F, gaps=gaps)
         for q, k, v in layers
     ]
-    return outputs, np.inf
+    return outputs, min(gaps)
 
 
 def groups_of_calls(steps, w, prefill):
@@ -118,9 +119,10 @@ def test_chunk_representations_match_the_formula():
 @pytest.mark.parametrize("n", [95, 96, 97, 120])
 def test_exact_mode_matches_the_rule_token_by_token(selection, n):
     """Prefill (one call) and decode (one token per call) both equal the numpy rule."""
-    config = LongHeadsConfig(8, 32, selection=selection, prefill="exact")
+    config = LongHeadsConfig(8, 32, selection=selection, prefill="exact", full_attention_length=32)
     q, k, v = random_qkv(n, seed=n)
-    expected = reference.longheads(q, k, v, 8, 32, SCALE, BASE, per_kv_head=selection == "kv_head")
+    (expected,), gap = expected_outputs([(q, k, v)], config)
+    assert gap > 1e-4  # no near-tie of two chunks' scores for rounding to decide
     prefill, _ = run(q, k, v, config, [n])
     decode, _ = run(q, k, v, config, [1] * n)
     np.testing.assert_allclose(prefill, expected, atol=2e-5)
@@ -131,14 +133,12 @@ def test_exact_mode_matches_the_rule_token_by_token(selection, n):
 def test_grouped_mode_shares_one_selection_per_chunk_and_call(selection):
     """Calls of 20 tokens over chunks of 8: a group is a chunk's queries within one call."""
     w, n, step = 8, 100, 20
-    config = LongHeadsConfig(w, 32, selection=selection, prefill="grouped")
+    config = LongHeadsConfig(w, 32, selection=selection, prefill="grouped", full_attention_length=32)
     q, k, v = random_qkv(n, seed=3)
-    t = np.arange(n)
-    group_of = (t // step) * 1000 + t // w
-    expected = reference.longheads(
-        q, k, v, w, 32, SCALE, BASE, group_of=group_of, per_kv_head=selection == "kv_head"
-    )
-    out, _ = run(q, k, v, config, [step] * (n // step))
+    steps = [step] * (n // step)
+    (expected,), gap = expected_outputs([(q, k, v)], config, groups_of_calls(steps, w, "grouped"))
+    assert gap > 1e-4
+    out, _ = run(q, k, v, config, steps)
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
