@@ -11,7 +11,10 @@ attention what real data would. Then, per method and context:
   prefill: tokens/s of one --prefill-block of tokens appended at C;
   memory: MLX's peak during those steps (weights and cache included), next to the
     weights plus the K/V part of the cache (`longheads-q8` stores K/V in 8 bits: on the
-    CPU that is for memory, MLX's CPU quantized matmul being far slower than float32).
+    CPU that is for memory, MLX's CPU quantized matmul being far slower than float32);
+  reads: the bytes a decoded token reads (`traffic.decode_reads`), for the bench's model
+    and, at 32k and 128k, for Llama-3-8B with 4-bit weights and float16 K/V: what sets
+    decode speed where decoding is bound by memory traffic (Apple silicon).
 Methods take turns at each context, so a drifting machine load hits them alike.
 
 Kernel level (--kernel): one attention layer at Llama-3-8B shapes (32 query heads,
@@ -48,6 +51,8 @@ from .generation import format_context_length, parse_context_length
 from .longheads import longheads_attention
 from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
 from .models import apply_longheads, head_dim, longheads_config, make_cache, make_relay, with_two_pass
+from .traffic import PARTS, decode_reads, shape_of
+from . import traffic
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads": LongHeadsConfig(),  # the default: two_pass_carry, each group twice past F
@@ -59,6 +64,7 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
+READS_CONTEXTS = (32768, 131072)  # where the reads at Llama-3-8B shapes are reported
 LLAMA3_8B = dict(heads=32, kv_heads=8, head_dim=128, trained_length=8192, rope_base=500000.0)
 
 
@@ -216,6 +222,7 @@ def model_bench(args) -> dict:
                 + (f", a {args.prefill_block}-token prefill block" if prefill else ""))
             row = dict(context=context, method=method, weights_bytes=weights)
             row.update(bench_model_at(model, shapes, context, args, prefill))
+            row["decode_read_bytes"] = sum(decode_reads(shape_of(model), longheads_config(model), context).values())
             peak = row["peak_bytes"] = max(row["peak_decode_bytes"], row.get("peak_prefill_bytes", 0))
             row["peak_over_weights_kv"] = peak / (weights + row["kv_bytes"])
             rows.append(row)
@@ -234,7 +241,21 @@ def model_bench(args) -> dict:
         prefill_repeats=args.prefill_repeats,
         fill=f"random keys/values (and representations): one {FILL_TOKENS}-token random block repeated",
         results=rows,
+        reads_llama3_8b=llama3_8b_reads(args.methods),
     )
+
+
+def llama3_8b_reads(methods: List[str]) -> List[dict]:
+    """What each method's decoded token reads at Llama-3-8B shapes, by part (bytes)."""
+    rows = []
+    for context in READS_CONTEXTS:
+        for method in methods:
+            config = METHODS[method]
+            if config is not None:
+                config = config.resolve(traffic.LLAMA3_8B.trained_length, traffic.LLAMA3_8B.head_dim)
+            reads = decode_reads(traffic.LLAMA3_8B, config, context)
+            rows.append(dict(context=context, method=method, total=sum(reads.values()), **reads))
+    return rows
 
 
 # Kernel level
@@ -351,7 +372,8 @@ def value(results: List[dict], method: str, context: int, key: str) -> Optional[
 
 
 def goals(report: dict) -> List[dict]:
-    """The issue's targets, each with the figure reached (None where not measured)."""
+    """The targets this bench holds the methods to, each with the figure reached (None
+    where not measured)."""
     results, out = report["results"], []
 
     def add(goal: str, figure: Optional[float], target: float, at_least: bool = True, **extra):
@@ -385,6 +407,13 @@ def goals(report: dict) -> List[dict]:
         if report["kind"] == "model":
             add(f"{method}: peak memory at 128k / (weights + K/V)",
                 value(results, method, 131072, "peak_over_weights_kv"), 1.1, at_least=False)
+    reads = {(r["context"], r["method"]): r["total"] for r in report.get("reads_llama3_8b", [])}
+    for method in [m for m in methods if m not in ("full", "longheads-head") and report["kind"] == "model"]:
+        add(f"{method}: bytes a token reads at 128k (Llama-3-8B shapes) / longheads-head's",
+            ratio(reads.get((131072, method)), reads.get((131072, "longheads-head"))), 1.15, at_least=False)
+        add(f"{method}: mean decode ms at 32k / longheads-head's",
+            ratio(value(results, method, 32768, "decode_mean_ms"), value(results, "longheads-head", 32768, "decode_mean_ms")),
+            1.2, at_least=False)
     if report["kind"] == "model" and "longheads-q8" in methods:
         # What 8-bit K/V saves at 128k: its bytes, and the measured peak above the weights.
         weights = report["weights_bytes"]
@@ -431,7 +460,7 @@ def markdown(report: dict, command: str) -> str:
             f"head dim {s['head_dim']}, {s['dtype']}; weights {report['weights_bytes'] / 1e9:.2f} GB."
         )
         columns = [("decode ms/token", "decode_ms", 1), ("decode mean ms", "decode_mean_ms", 1),
-                   ("prefill tok/s", "prefill_tokens_per_s", 1),
+                   ("decode reads MB", "decode_read_bytes", 1), ("prefill tok/s", "prefill_tokens_per_s", 1),
                    ("peak GB", None, 2), ("peak / (weights + K/V)", "peak_over_weights_kv", 2)]
     else:
         s = report["shapes"]
@@ -461,12 +490,38 @@ def markdown(report: dict, command: str) -> str:
                     x = r.get(key)
                 cells.append(fmt(x, digits))
             lines.append(f"| {format_context_length(context)} | {method} | " + " | ".join(cells) + " |")
+    lines += reads_table(report)
     lines += ["", "## Goals (ratios within this run)", "", "| goal | figure | target | met |", "|---|---|---|---|"]
     for g in report["goals"]:
         met = {None: "not measured", True: "yes", False: "no"}[g["met"]]
         bound = f" (K/V bytes ratio {fmt(g['bytes_ratio'], 1)})" if g.get("bytes_ratio") else ""
         lines.append(f"| {g['goal']} | {fmt(g['figure'], 2)}{bound} | {g['target']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def reads_table(report: dict) -> List[str]:
+    """The bytes a decoded token reads at Llama-3-8B shapes, beside this run's times."""
+    rows = report.get("reads_llama3_8b")
+    if not rows:
+        return []
+    lines = [
+        "", "## Bytes a decoded token reads, Llama-3-8B shapes", "",
+        "32 layers, 32 heads, 8 KV heads, head dim 128, 4-bit weights (4.5 bits with scales and biases, "
+        f"{traffic.LLAMA3_8B.weight_bytes / 1e9:.2f} GB read a pass), float16 K/V; `traffic.decode_reads` "
+        "(two_pass_reuse: the mean over its chunk_size + 1 tokens). Decoding bound by memory traffic "
+        "(Apple silicon) takes about these bytes over the bandwidth. The time is this run's (the "
+        "bench's model, on this machine) at the same context.",
+        "",
+        "| context | method | " + " | ".join(f"{p} GB" for p in PARTS) + " | total GB | / longheads-head | decode mean ms here |",
+        "|" + "---|" * (len(PARTS) + 5),
+    ]
+    per_head = {r["context"]: r["total"] for r in rows if r["method"] == "longheads-head"}
+    for r in rows:
+        ratio = fmt(r["total"] / per_head[r["context"]], 2) if r["context"] in per_head else "-"
+        here = fmt(value(report["results"], r["method"], r["context"], "decode_mean_ms"), 1)
+        parts = " | ".join(fmt(r[p] / 1e9, 2) for p in PARTS)
+        lines.append(f"| {format_context_length(r['context'])} | {r['method']} | {parts} | {fmt(r['total'] / 1e9, 2)} | {ratio} | {here} |")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:

@@ -361,13 +361,14 @@ def window_slots(
     """
     B, H, G = queries.shape[:3]
     n_kv_heads = cache.kv_heads
-    n_selecting = n_kv_heads if config.selection == "kv_head" else H
     if max(own) < config.full_chunks:
+        # Every head's window alike: one per KV head, so a chunk is read once per KV
+        # head as stock attention reads it, not once per query head.
         n = max(own) + 1
         own_chunk = mx.array(own, dtype=mx.uint32)[:, None]
         earlier = mx.broadcast_to(mx.arange(n - 1, dtype=mx.uint32), (G, n - 1))
         first_chunks = mx.concatenate([earlier, own_chunk], axis=1)
-        return mx.broadcast_to(first_chunks, (B, n_selecting, G, n))
+        return mx.broadcast_to(first_chunks, (B, n_kv_heads, G, n))
     query_sums = queries.astype(mx.float32).sum(axis=3)
     C = cache.complete_chunks
     representations = cache.representations[:, :, :C]
