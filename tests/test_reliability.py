@@ -1,4 +1,4 @@
-"""Reliability (issue #7): what holds at any length, how bad input is refused, and
+"""Reliability: what holds at any length, how bad input is refused, and
 saved state that never loads wrong.
 
 The property tests run the tiny float32 models of conftest through mlx-lm's
