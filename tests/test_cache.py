@@ -243,13 +243,17 @@ def log_probabilities(model, cache, tokens) -> np.ndarray:
 EXACT_CUTS = [(150, 1), (150, 5), (150, 12), (144, 40)]
 
 
-@pytest.mark.parametrize("selection", SELECTIONS)
+@pytest.mark.parametrize(
+    "selection, kv_bits", [*[(s, None) for s in SELECTIONS], ("two_pass_carry", 8), ("query_head", 8)]
+)
 @pytest.mark.parametrize("kept, trimmed", EXACT_CUTS)
-def test_trimmed_tokens_are_undone_exactly(kept, trimmed, selection):
+def test_trimmed_tokens_are_undone_exactly(kept, trimmed, selection, kv_bits):
     """Feed A then B, trim B, feed C: the same log-probabilities for C as feeding A then
     C (grouped prefill selects per call, so the reference makes the same calls; with
-    "two_pass_carry" B's noted choices are not carried into C)."""
-    model, _ = longheads_model(config=replace(CONFIG, selection=selection))
+    "two_pass_carry" B's noted choices are not carried into C), with float keys and
+    values or 8-bit ones."""
+    config = replace(CONFIG, selection=selection, kv_bits=kv_bits)
+    model, _ = longheads_model(config=config) if kv_bits is None else quantizable_model(config)
     a, b, c = prompt(kept), prompt(trimmed, seed=1), prompt(20, seed=2)
     cache = model.make_cache()
     model(a[None], cache=cache)

@@ -386,7 +386,7 @@ def quantization_round_trip(k, v, w, bits, group):
     return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "query_head"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
 def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps, selection):
