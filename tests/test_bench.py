@@ -4,11 +4,15 @@ import json
 import sys
 
 import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
 import pytest
 
 from conftest import tiny_model
 from mlx_longheads import bench
 from mlx_longheads.cache import LongHeadsCache
+from mlx_longheads.config import LongHeadsConfig
+from mlx_longheads.longheads import chunk_representations, longheads_attention
 from mlx_longheads.models import TwoPassCall, apply_longheads
 
 
@@ -63,12 +67,42 @@ def test_kernel_bench_reports_bytes_and_bandwidth(tmp_path, monkeypatch):
     assert "GB/s" in out.with_suffix(".md").read_text()
 
 
-def test_a_filled_cache_continues_like_a_prefilled_one():
-    """fill() leaves a LongHeads cache in a state decode can continue from."""
-    cache = LongHeadsCache(32)
-    bench.fill(cache, 512, 600, heads=4, kv_heads=2, head_dim=16, dtype=mx.float32)
-    assert cache.offset == 512 and cache.complete_chunks == 16
-    assert cache.keys.shape == (1, 2, 608, 16) and cache.representations.shape == (1, 4, 19, 16)
+@pytest.mark.parametrize("context", [96, 512], ids=["below-F", "past-F"])
+def test_decode_continues_from_a_filled_cache_as_from_an_appended_one(context):
+    """fill() lays a cache out as `append` (the path prefill takes) does, so decoding
+    continues from it: it holds the same arrays (shapes, dtypes, offset, complete
+    chunks) as a cache that appended the same keys and values, and given that cache
+    the representations fill() made up (random, not computed from the keys: bench
+    measures time, not answers), 17 tokens decoded over either get the same outputs,
+    one per step, finite, across the completion of the next chunk; below F (128) and
+    past it, where each head selects by the representations."""
+    heads, kv_heads, head_dim, w = 4, 2, 16, 16
+    config = LongHeadsConfig(w, 64, selection="query_head", full_attention_length=128).resolve(256)
+    rope, scale = nn.RoPE(head_dim, base=10000.0), head_dim**-0.5
+    filled = LongHeadsCache(w)
+    bench.fill(filled, context, 600, heads=heads, kv_heads=kv_heads, head_dim=head_dim, dtype=mx.float32)
+    appended = LongHeadsCache(w)
+    mx.random.seed(0)
+    completed = appended.append(
+        mx.random.normal((1, heads, context, head_dim)),
+        filled.keys[:, :, :context],
+        filled.values[:, :, :context],
+    )
+    appended.add_representations(chunk_representations(*completed, rope, scale, w))
+    assert (filled.offset, filled.complete_chunks) == (appended.offset, appended.complete_chunks) == (context, context // w)
+    for a, b in zip(filled.state[:4], appended.state[:4]):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
+    appended.representations[:, :, : context // w] = filled.representations[:, :, : context // w]
+
+    for step in range(w + 1):
+        q, k, v = (mx.random.normal((1, h, 1, head_dim)) for h in (heads, kv_heads, kv_heads))
+        outputs = [np.array(longheads_attention(q, k, v, c, rope, scale, config)) for c in (filled, appended)]
+        assert np.isfinite(outputs[0]).all()
+        np.testing.assert_allclose(*outputs, atol=1e-5, err_msg=f"step {step}")
+    assert filled.offset == context + w + 1 and filled.complete_chunks == context // w + 1
+    np.testing.assert_allclose(
+        np.array(filled.representations[:, :, context // w]), np.array(appended.representations[:, :, context // w]), atol=1e-5
+    )
 
 
 def test_switching_methods_switches_attention_and_the_two_pass_call():

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 from gguf import GGMLQuantizationType as GGML
-from gguf import TokenType
+from gguf import GGUFWriter, TokenType
 from mlx.utils import tree_flatten, tree_unflatten
 from transformers import Qwen2Tokenizer
 
-from conftest import clone, tiny_model
+from conftest import assert_one_line_error, clone, run_main, tiny_model
 from gguf_files import CHATML, SPECIAL, TEXT, Vocab, byte_level_vocab, write_gguf
 from leftovers import no_folder_left
 from mlx_longheads.gguf import convert_gguf
+from mlx_longheads.resolve import cache_dir
 from mlx_longheads.support import ModelError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,3 +344,41 @@ def test_command_line_error_is_one_line_without_traceback(tmp_path):
     result = run_cli("--gguf-path", tmp_path / "absent.gguf", "--mlx-path", tmp_path / "mlx")
     assert result.returncode == 1
     assert result.stderr == f"error: {tmp_path / 'absent.gguf'}: no such file\n"
+
+
+def generate_from(path, capfd) -> subprocess.CompletedProcess:
+    """`python -m mlx_longheads.generate --model FILE.gguf`, called here: the file is
+    converted into the run's cache on first use, or refused."""
+    import mlx_longheads.generate as generate
+
+    return run_main(generate.main, "--model", str(path), "--prompt", "hi", capfd=capfd)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(extra={"blk.0.attn_mystery.weight": np.ones((8, 8), np.float32)}),
+            "unexpected GGUF tensor blk.0.attn_mystery.weight: convert the original Hugging Face model instead",
+        ),
+        (dict(leave_out="add_block_count"), "the GGUF metadata lacks llama.block_count: the file is incomplete"),
+        (
+            dict(metadata={"llama.attention.head_count_kv": [2, 2]}),
+            "per-layer llama.attention.head_count_kv is not supported",
+        ),
+        (
+            dict(metadata={"llama.rope.dimension_count": 8}),
+            "GGUF models with partial rotary embeddings are not supported",
+        ),
+    ],
+    ids=["unexpected-tensor", "missing-metadata", "per-layer-metadata", "partial-rotary"],
+)
+def test_the_cli_refuses_a_gguf_file_it_cannot_convert(change, message, tmp_path, monkeypatch, capfd):
+    """A llama GGUF file with one thing the converter cannot honour: exit status 1, the
+    reason on one line, and nothing left in the cache."""
+    change = dict(change)
+    if "leave_out" in change:  # the writer skips that key
+        monkeypatch.setattr(GGUFWriter, change.pop("leave_out"), lambda self, value: None)
+    write_gguf(tmp_path / "model.gguf", tiny_model("llama", vocab_size=VOCAB), "llama", **change)
+    assert_one_line_error(generate_from(tmp_path / "model.gguf", capfd), message)
+    assert not list(cache_dir().glob("*model-*")), "a partial conversion was left in the cache"

@@ -213,11 +213,12 @@ def test_make_cache_gives_longheads_caches():
     assert len(caches) == 2 and all(isinstance(c, LongHeadsCache) for c in caches)
 
 
-def test_smollm2_below_attention_length_equals_stock_attention():
-    """The embedded model: 600 tokens (past two chunk boundaries) inside L = 1024."""
-    from mlx_longheads import load
+def test_smollm2_below_attention_length_equals_stock_attention(embedded):
+    """The embedded model: 150 tokens (past two chunk boundaries) inside L = 256."""
+    from conftest import with_longheads
 
-    stock, tokenizer = load(longheads=None)
-    model, _ = load(longheads=LongHeadsConfig(256, 1024))
-    x = mx.array(tokenizer.encode("The grass is green. The sky is blue. " * 60)[:600])[None]
+    stock, tokenizer = embedded
+    model = with_longheads(stock, LongHeadsConfig(64, 256))
+    x = mx.array(tokenizer.encode("The grass is green. The sky is blue. " * 15)[:150])[None]
+    assert x.shape[1] == 150
     np.testing.assert_allclose(np.array(model(x)), np.array(stock(x)), atol=2e-3)

