@@ -212,7 +212,9 @@ def test_a_second_turn_from_the_prompt_cache_answers_as_a_fresh_server_does(clie
     """Turn 2 continues from the cache turn 1 left (its prompt counted as cached) and
     gives the answer a server that never saw turn 1 gives to the same two turns: the
     same text and each step's log-probability within the rounding, every step winning
-    by more than twice it."""
+    by more than twice it. Below F, where a prefill and a decode compute alike (past
+    it a fresh prefill lets each chunk of the answer share a selection, which decoding
+    it did not)."""
     messages = ask("Name the largest planet.")
     first = chat(client, messages, max_tokens=6, temperature=0.0)
     messages += [{"role": "assistant", "content": text(first)}, *ask("And the smallest?")]
