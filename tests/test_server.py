@@ -219,6 +219,7 @@ def test_a_second_turn_from_the_prompt_cache_answers_as_a_fresh_server_does(clie
     first = chat(client, messages, max_tokens=6, temperature=0.0)
     messages += [{"role": "assistant", "content": text(first)}, *ask("And the smallest?")]
     cached = greedy(client, messages)
+    assert cached.usage.prompt_tokens + cached.usage.completion_tokens <= FULL_ATTENTION_LENGTH
     assert cached.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
     with serving(tmp_path_factory, *SERVER_FLAGS) as url:
         fresh = greedy(openai_client(url), messages)
