@@ -11,19 +11,13 @@ import mlx.core as mx
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from conftest import clone, tiny_model
+from conftest import clone, tiny_model, with_longheads
 from mlx_longheads import eval as evaluation
 from mlx_longheads import longheads
 from mlx_longheads.config import SELECTIONS, LongHeadsConfig
 from mlx_longheads.eval_report import NO_COMMIT, NO_COMMIT_NOTE, SELECTION_NOTES, results_path, write_report
-from mlx_longheads.load import load
 from mlx_longheads.models import apply_longheads
 from mlx_longheads.tasks import ANIMALS, QA_TASKS, make_sample, perplexity_text
-
-
-@pytest.fixture(scope="module")
-def embedded():
-    return load(longheads=None)
 
 
 @pytest.fixture(scope="module")
@@ -196,9 +190,8 @@ def test_a_rerun_keeps_finished_samples(tmp_path, fake_model):
         evaluation.main(common + ["--samples", "3", "--seed", "1"])  # would mix two seeds
 
 
-def test_quantized_kv_runs_write_their_own_results(tmp_path, fake_model, monkeypatch):
-    loaded = []
-    stock = evaluation.load(None)
+def test_quantized_kv_runs_write_their_own_results(tmp_path, fake_model, monkeypatch, embedded):
+    loaded, stock = [], embedded
 
     def load(name, longheads=None):
         loaded.append(longheads)
@@ -332,25 +325,27 @@ def test_a_question_is_answered_greedily(embedded):
 
 
 def test_longheads_samples_record_which_heads_hold_the_answers_chunk(embedded):
-    _, tokenizer = embedded
-    config = LongHeadsConfig(64, 512, full_attention_length=512)
-    model, _ = load(longheads=config)
+    """The default selection at small sizes (chunk 32, F = L = 256; 384 tokens: four
+    chunks past F), on the shared embedded model."""
+    stock, tokenizer = embedded
+    config = LongHeadsConfig(32, 256, full_attention_length=256)
+    model = with_longheads(stock, config)
     method = evaluation.Method("longheads", config.resolve(8192))
-    record = evaluation.run_sample("passkey", model, tokenizer, method, 1000, 0, 0, lambda done, total: None)
+    record = evaluation.run_sample("passkey", model, tokenizer, method, 384, 0, 0, lambda done, total: None)
     by_layer = record["key_chunk_selected_by_layer"]
     assert len(by_layer) == len(model.layers) and all(0 <= share <= 1 for share in by_layer)
     assert record["key_chunk_selected"] == pytest.approx(sum(by_layer) / len(by_layer), abs=1e-4)
-    assert 1 <= record["key_chunk"] < 1000 // 64
+    assert 1 <= record["key_chunk"] < 384 // 32
 
     log = evaluation.SelectionLog()  # the same step, read for chunks every head holds or none does
-    prompt = tokenizer.encode(make_sample("passkey", tokenizer, 1000, 0, 0).prompt)
+    prompt = tokenizer.encode(make_sample("passkey", tokenizer, 384, 0, 0).prompt)
     with log.installed():
         evaluation.answer_question(model, tokenizer, prompt, 2, make_prompt_cache(model), log.watch(lambda d, t: None))
     layers = len(model.layers)
     assert log.share_selecting(0, layers) == [1.0] * layers  # the first chunk is forced
-    assert log.share_selecting((len(prompt) - 1) // 64, layers) == [1.0] * layers  # the own chunk
-    assert log.share_selecting(len(prompt) // 64 + 5, layers) == [0.0] * layers  # not written yet
-    short = evaluation.run_sample("passkey", model, tokenizer, method, 400, 0, 0, lambda done, total: None)
+    assert log.share_selecting((len(prompt) - 1) // 32, layers) == [1.0] * layers  # the own chunk
+    assert log.share_selecting(len(prompt) // 32 + 5, layers) == [0.0] * layers  # not written yet
+    short = evaluation.run_sample("passkey", model, tokenizer, method, 200, 0, 0, lambda done, total: None)
     assert "key_chunk_selected" not in short  # below L: no selection
 
 

@@ -9,7 +9,6 @@ from hypothesis import given, settings, strategies as st
 from mlx import nn
 
 from mlx_longheads import longheads
-from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.longheads import (
     chunk_representations,
