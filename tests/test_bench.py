@@ -49,6 +49,14 @@ def test_model_bench_writes_json_markdown_and_plot(tmp_path, tiny_load):
     assert any(g["goal"].startswith("longheads: decode") for g in report["goals"])
     assert "| 512 | longheads |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
+    # The bytes a decoded token reads: for the run's model beside its times, and at
+    # Llama-3-8B shapes at 32k and 128k, where the default reads most of stock's.
+    assert all(r["decode_read_bytes"] > 0 for r in saved["results"])
+    reads = {(r["context"], r["method"]): r["total"] for r in saved["reads_llama3_8b"]}
+    assert set(reads) == {(c, m) for c in (32768, 131072) for m in ("longheads", "longheads-head", "full")}
+    assert reads[131072, "longheads-head"] < reads[131072, "longheads"] < reads[131072, "full"]
+    assert "Bytes a decoded token reads, Llama-3-8B shapes" in out.with_suffix(".md").read_text()
+    assert any(g["goal"].startswith("longheads: bytes a token reads at 128k") for g in report["goals"])
 
 
 def test_kernel_bench_reports_bytes_and_bandwidth(tmp_path, monkeypatch):
