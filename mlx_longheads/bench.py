@@ -411,8 +411,11 @@ def goals(report: dict) -> List[dict]:
     for method in [m for m in methods if m not in ("full", "longheads-head") and report["kind"] == "model"]:
         add(f"{method}: bytes a token reads at 128k (Llama-3-8B shapes) / longheads-head's",
             ratio(reads.get((131072, method)), reads.get((131072, "longheads-head"))), 1.15, at_least=False)
-        add(f"{method}: mean decode ms at 32k / longheads-head's",
-            ratio(value(results, method, 32768, "decode_mean_ms"), value(results, "longheads-head", 32768, "decode_mean_ms")),
+        # A choice refreshed once a period (two_pass_reuse): only a whole period's mean counts.
+        whole_period = report["decode_steps"] > report["longheads"]["chunk_size"]
+        add(f"{method}: mean decode ms at 32k over a whole period / longheads-head's",
+            ratio(value(results, method, 32768, "decode_mean_ms"), value(results, "longheads-head", 32768, "decode_mean_ms"))
+            if whole_period else None,
             1.2, at_least=False)
     if report["kind"] == "model" and "longheads-q8" in methods:
         # What 8-bit K/V saves at 128k: its bytes, and the measured peak above the weights.
