@@ -35,7 +35,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -50,7 +50,7 @@ from .config import LongHeadsConfig
 from .generation import format_context_length, parse_context_length
 from .longheads import longheads_attention
 from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
-from .models import apply_longheads, head_dim, longheads_config, make_cache, make_relay, with_two_pass
+from .models import apply_longheads, head_dim, longheads_config, make_cache, make_relay, with_linked_call
 from .traffic import PARTS, decode_reads, shape_of
 from . import traffic
 
@@ -61,6 +61,7 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
     "longheads-reuse": LongHeadsConfig(selection="two_pass_reuse"),  # decoded tokens reuse a choice
+    "longheads-filter": LongHeadsConfig(selection="one_pass_filter"),  # one pass, a calibrated filter layer
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
@@ -196,7 +197,7 @@ def use_method(model: nn.Module, stock: List[nn.Module], config: Optional[LongHe
     for layer, attention in zip(model.layers, stock):
         layer.self_attn = attention
     vars(model).pop("make_cache", None)  # apply_longheads' instance attribute
-    model.__class__ = with_two_pass(type(model), False)
+    model.__class__ = with_linked_call(type(model), False)
     if config is not None:
         apply_longheads(model, config)
 
@@ -266,8 +267,8 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
 
     Full attention reads the whole cache once (a lower bound for a prefill block);
     LongHeads reads, per group of queries sharing a selection, its window's chunks (and,
-    with a two-pass selection, every key once per group and pass, for the layer's
-    pooled attention).
+    with a selection that links layers, every key once per group and pass, for the
+    layer's pooled attention: the layer is the filter layer of one_pass_filter).
     """
     H, Hk, D, item = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["itemsize"]
     if method == "full":
@@ -279,7 +280,7 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
     groups = -(-tokens // w)
     window = 2 * selecting * k * w * D * kv_item * groups
     representations = H * (context // w) * D * item
-    pooled = Hk * context * D * kv_item * groups if config.runs_twice else 0
+    pooled = Hk * context * D * kv_item * groups if config.links_layers else 0
     return window + representations + pooled + written + H * tokens * D * item  # + queries kept
 
 
@@ -305,8 +306,10 @@ def kernel_bench(args) -> dict:
             if config is not None:
                 config = config.resolve(shape["trained_length"], D)
                 cache = make_cache(config)
-                # One layer linked to itself: a two-pass selection's cost per pass.
-                relay = partial(make_relay(config).most_peaked, 0) if config.runs_twice else None
+                # One layer linked to itself (the filter layer of one_pass_filter): a
+                # linked selection's cost per pass.
+                linked = make_relay(replace(config, filter_layer=0) if config.selection == "one_pass_filter" else config)
+                relay = None if linked is None else partial(linked.choose, 0)
 
                 def attend(q, k, v):
                     return longheads_attention(q, k, v, cache, rope, scale, config, relay)

@@ -33,6 +33,7 @@ def read_text(path: str) -> str:
 
 SELECTION_HELP = {
     "two_pass_carry": "the default, the best answers measured",
+    "one_pass_filter": "one pass, one calibrated layer chooses: the paper's reads per token",
     "two_pass_reuse": "faster decode, some answers lost",
     "query_head": "the paper's rule, per query head",
     "kv_head": "the paper's rule, per KV head (GQA)",
@@ -66,6 +67,7 @@ def add_longheads_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
     parser.add_argument("--full-attention-length", type=int, default=None, help="prompts up to this many tokens get stock attention (default: the trained length; the paper's rule: --attention-length)")
+    parser.add_argument("--filter-layer", type=int, default=None, help="the layer whose choice one_pass_filter shares (default: calibrated on the model, once)")
 
 
 def longheads_arguments(args: argparse.Namespace) -> Optional[LongHeadsConfig]:
@@ -74,5 +76,5 @@ def longheads_arguments(args: argparse.Namespace) -> Optional[LongHeadsConfig]:
         return None
     return LongHeadsConfig(
         args.chunk_size, args.attention_length, args.selection, args.prefill,
-        args.kv_bits, args.kv_group_size, args.full_attention_length,
+        args.kv_bits, args.kv_group_size, args.full_attention_length, args.filter_layer,
     )

@@ -3,9 +3,10 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"]
-SELECTIONS = ("two_pass_carry", "two_pass_reuse", "query_head", "kv_head")
+Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"]
+SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head")
 TWO_PASS_SELECTIONS = ("two_pass_carry", "two_pass_reuse")
+LINKED_SELECTIONS = (*TWO_PASS_SELECTIONS, "one_pass_filter")
 # Lost to two_pass_carry on every measured prompt and left the library on 2026-12-02
 # (docs/evaluation.md has their results and the commit that removed them).
 REMOVED_SELECTIONS = ("pooled", "peak", "two_pass", "two_pass_topk")
@@ -40,6 +41,12 @@ class LongHeadsConfig:
       group's within the chunk_size tokens before it where that was more peaked
       (`longheads.CarryRelay`): a question's choice carries into the answer's tokens.
       The best measured on natural-text retrieval past the trained length (README).
+      "one_pass_filter": one pass; one layer, found on the loaded model by a
+      calibration (`calibrate`), measures its pooled attention, and its choice (kept
+      against the recent ones as "two_pass_carry" keeps them) fills the shared slots of
+      the layers after it and, at the next group, of the layers before it
+      (`longheads.FilterRelay`): what "two_pass_carry" shares, at about the paper's
+      reads (one layer's keys, not every layer's, and the weights once).
       "two_pass_reuse": as "two_pass_carry", but a decoded token with a choice noted in
       the chunk_size tokens before it takes that choice without a first pass
       (`longheads.ReuseRelay`): a faster decode (every key is read once per
@@ -53,6 +60,8 @@ class LongHeadsConfig:
       On SmolLM2 8 bits cost 0.3% perplexity, 4 bits 19% (README, "What kv_bits costs").
     kv_group_size: elements sharing one scale and bias, along the head dim; None: 64,
       or the head dim when it is smaller.
+    filter_layer: the layer whose choice "one_pass_filter" shares; None: calibrated on
+      the loaded model when LongHeads is applied.
     """
 
     chunk_size: Optional[int] = None
@@ -62,6 +71,7 @@ class LongHeadsConfig:
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None
     full_attention_length: Optional[int] = None
+    filter_layer: Optional[int] = None
 
     @property
     def num_chunks(self) -> int:
@@ -73,6 +83,13 @@ class LongHeadsConfig:
         """Whether each group of queries past F goes through the model twice (and layer
         0's cache notes each group's choice, `CarryRelay`)."""
         return self.selection in TWO_PASS_SELECTIONS
+
+    @property
+    def links_layers(self) -> bool:
+        """Whether a layer's selection takes a choice made in another layer (a relay,
+        `longheads.CarryRelay` or `longheads.FilterRelay`), so that each group of queries
+        past F is a call of its own."""
+        return self.selection in LINKED_SELECTIONS
 
     @property
     def shared_slots(self) -> int:
@@ -159,6 +176,11 @@ class LongHeadsConfig:
         if self.selection not in SELECTIONS:
             raise ConfigError(
                 f"selection must be one of {', '.join(map(repr, SELECTIONS))}, got {self.selection!r}"
+            )
+        if self.filter_layer is not None and (self.selection != "one_pass_filter" or self.filter_layer < 0):
+            raise ConfigError(
+                f"filter_layer {self.filter_layer} applies to the one_pass_filter selection only, "
+                "as a layer index from 0: drop it or set selection='one_pass_filter'"
             )
         if self.prefill not in ("grouped", "exact"):
             raise ConfigError(f"prefill must be 'grouped' or 'exact', got {self.prefill!r}")

@@ -43,7 +43,7 @@ DEFAULT_FORCED = "first+prev"
 SCORES = ("raw", "rotated")
 FORCED = (DEFAULT_FORCED, "first", "prev")
 METHOD_HELP = (
-    f"longheads[:L=..,w=..,sel={'|'.join(SELECTIONS)},prefill=grouped|exact,F=..,"
+    f"longheads[:L=..,w=..,sel={'|'.join(SELECTIONS)},prefill=grouped|exact,F=..,filter=..,"
     "score=raw|rotated,forced=first+prev|first|prev,kv=8|4,kvg=32|64|128], full, window[:L=..], "
     "or the presets baselines, ablation and designs"
 )
@@ -87,6 +87,8 @@ class Method:
         name = f"longheads:L={c.attention_length},w={c.chunk_size},sel={c.selection},prefill={c.prefill}"
         if c.full_attention_length != c.attention_length:  # F = L, the paper's, is unnamed
             name += f",F={c.full_attention_length}"
+        if c.filter_layer is not None:  # one_pass_filter's layer given, not calibrated
+            name += f",filter={c.filter_layer}"
         if self.score != "raw":
             name += f",score={self.score}"
         if self.forced != DEFAULT_FORCED:
@@ -111,7 +113,7 @@ def parse_method(
     kv=8|4 stores keys and values quantized (kvg= their group size, default 64 or the
     head dim)."""
     kind, _, rest = text.strip().partition(":")
-    allowed = {"full": (), "window": ("L",), "longheads": ("L", "w", "sel", "prefill", "F", "score", "forced", "kv", "kvg")}
+    allowed = {"full": (), "window": ("L",), "longheads": ("L", "w", "sel", "prefill", "F", "filter", "score", "forced", "kv", "kvg")}
     if kind not in allowed:
         raise ValueError(f"unknown method {text!r}: use {METHOD_HELP}")
     options = {}
@@ -134,6 +136,10 @@ def parse_method(
         config = replace(config, chunk_size=whole_number(text, "w", options["w"]))
     if "F" in options:
         config = replace(config, full_attention_length=whole_number(text, "F", options["F"]))
+    if "filter" in options:
+        if not options["filter"].isdigit():
+            raise ValueError(f"method {text!r}: filter (a layer index) must be a whole number, got {options['filter']!r}")
+        config = replace(config, filter_layer=int(options["filter"]))
     if "kv" in options:
         config = replace(config, kv_bits=whole_number(text, "kv", options["kv"]))
     if "kvg" in options:
@@ -146,7 +152,7 @@ def parse_method(
     score, forced = options.get("score", "raw"), options.get("forced", DEFAULT_FORCED)
     if score not in SCORES or forced not in FORCED:
         raise ValueError(f"method {text!r}: score is one of {SCORES}, forced one of {FORCED}")
-    if config.runs_twice and (score, forced) != ("raw", DEFAULT_FORCED):
+    if config.links_layers and (score, forced) != ("raw", DEFAULT_FORCED):
         raise ValueError(
             f"method {text!r}: the score and forced ablations wrap the per-head selection, "
             f"which sel={config.selection} does not use alone"
@@ -178,7 +184,7 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
         ],
         "designs": [
             "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
-            "longheads:sel=two_pass_carry", "longheads:sel=two_pass_reuse",
+            "longheads:sel=two_pass_carry", "longheads:sel=one_pass_filter", "longheads:sel=two_pass_reuse",
         ],
     }
 
@@ -502,7 +508,11 @@ def run_sample(
     def reuse(prompt: List[int], progress: Callable[[int, int], None]) -> int:
         return prefixes.restore(model, method, prompt, cache, progress) if prefixes else 0
 
-    return question_record(task, model, tokenizer, cache, n, index, seed, progress, chunk_size, reuse)
+    record = question_record(task, model, tokenizer, cache, n, index, seed, progress, chunk_size, reuse)
+    config = longheads_config(model)
+    if config is not None and config.filter_layer is not None:  # calibrated where the name has none
+        record["filter_layer"] = config.filter_layer
+    return record
 
 
 def read_done(path: Path, identity: dict) -> Tuple[Set[Tuple[int, int]], Set[Tuple[int, int]]]:

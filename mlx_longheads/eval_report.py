@@ -52,6 +52,10 @@ SELECTION_NOTES = {
     "layer (pooled attention), or an earlier group's choice within the w tokens before it where "
     "that was more peaked, so a question's choice carries into the answer; the other half per "
     "query head.",
+    "one_pass_filter": "one pass; one layer (the filter layer, calibrated on the model, named by "
+    "filter= or the records' filter_layer) measures its pooled attention; its choice, or an earlier "
+    "group's within the w tokens before it where that was more peaked, fills the shared slots of it "
+    "and the layers after it, and the layers before it take the earlier group's choice.",
     "two_pass_reuse": "as two_pass_carry, but a decoded token with a choice noted in the w tokens "
     "before it takes that choice without a first pass (a faster decode).",
     "pooled": "half the retrieved slots hold the chunks the layer's heads attend to most together "

@@ -26,7 +26,7 @@ w chunk size, G query groups (queries that share one selection), g queries per g
 
 import math
 from functools import partial
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -199,6 +199,11 @@ def select_chunks_pooled(
     return window_of(top, own)
 
 
+def peakedness(pooled: mx.array) -> mx.array:
+    """[B, G]: the share of a layer's pooled attention [B, G, C] on its top chunk."""
+    return pooled.max(axis=-1) / pooled.sum(axis=-1)
+
+
 class CarryRelay:
     """What the "two_pass_carry" selection carries: from layer to layer in a group's
     first pass, from its first pass to its second, and from group to group.
@@ -207,13 +212,13 @@ class CarryRelay:
     needle) first, while the attention a layer's heads give it together does, and one
     or two middle layers give it a large share of theirs (0.13-0.31 on its chunk
     against 0.02-0.1 at the other layers, results/relay_needle_16k.md). So:
-      - first pass: each layer's pooled attention is measured (`most_peaked`), and the
+      - first pass: each layer's pooled attention is measured (`choose`), and the
         most peaked one, the largest share of its candidates' mass on one chunk (ties
         to the later layer), is kept per block of groups;
-      - between the passes (`between_passes`, the cache rolled back by
-        `models.run_twice`): the group's choice, the top `shared` chunks of that
-        attention, is noted in layer 0's cache, and the most peaked choice noted in the
-        `span` tokens before the group replaces it where it was more peaked;
+      - between the passes (`between_passes`, the cache rolled back by `run`): the
+        group's choice, the top `shared` chunks of that attention, is noted in layer
+        0's cache, and the most peaked choice noted in the `span` tokens before the
+        group replaces it where it was more peaked;
       - second pass (`replaying`): every layer's shared slots hold that choice, the
         layers before the most peaked one included.
     The carry keeps a question's choice in its answer's first tokens: in the needle
@@ -231,17 +236,15 @@ class CarryRelay:
         self.best: Dict[int, Tuple[mx.array, mx.array]] = {}  # block -> (pooled, share)
         self.replaying = False
 
-    def peakedness(self, pooled: mx.array) -> mx.array:
-        """[B, G]: the share of a layer's pooled attention [B, G, C] on its top chunk."""
-        return pooled.max(axis=-1) / pooled.sum(axis=-1)
-
-    def most_peaked(self, layer: int, block: int, pooled: mx.array) -> mx.array:
-        """`layer`'s pooled attention [B, G, C] for the groups of `block` (its first
-        group's index in the call) -> the one its shared slots follow: in the first
-        pass the most peaked layer's so far, in the second the chosen one."""
+    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> mx.array:
+        """The pooled attention [B, G, C] that `layer`'s shared slots follow for the
+        groups of `block` (its first group's index in the call): in the first pass the
+        most peaked layer's so far (this one's measured by `measure`), in the second
+        the chosen one."""
         if self.replaying:
             return self.best[block][0]
-        share = self.peakedness(pooled)
+        pooled = measure()
+        share = peakedness(pooled)
         if layer > 0:
             best, best_share = self.best[block]
             own = share >= best_share
@@ -249,6 +252,27 @@ class CarryRelay:
             share = mx.where(own, share, best_share)
         self.best[block] = (pooled, share)
         return pooled
+
+    def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
+        """One group's two passes through `forward` (the model's, or layers', call on its
+        `tokens` queries): the first, where `first_pass_needed` asks for it, then the
+        caches rolled back and the second, whose result is returned."""
+        if self.first_pass_needed(caches[0], tokens):
+            self.replaying = False
+            forward()
+            # Evaluated before the roll-back: no read of the first pass is pending
+            # when the second writes over its keys and values (no buffer copies).
+            mx.eval([best for best, _ in self.best.values()], [c.buffers for c in caches])
+            if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
+                raise RuntimeError("the first pass could not be rolled back exactly")
+            self.between_passes(caches[0], tokens)
+        else:
+            self.without_first_pass(caches[0], tokens)
+        self.replaying = True
+        try:
+            return forward()
+        finally:
+            self.replaying = False
 
     def first_pass_needed(self, cache: LongHeadsCache, tokens: int) -> bool:
         """Whether the group of `tokens` queries after the cache's offset runs its first
@@ -262,17 +286,18 @@ class CarryRelay:
         pooled, share = pooled[:, 0], share[:, 0]  # [B, C], [B]
         chunks = top_chunks(pooled, self.shared)
         cache.record_choice(cache.offset, tokens, share, chunks)
-        carried, carried_share = self.recent(cache, pooled.shape[-1])
+        carried, carried_share = recent_choice(cache, self.span, pooled.shape[-1])
         keep = carried_share > share
         pooled = mx.where(keep[:, None], carried, pooled)
         self.best = {0: (pooled[:, None], mx.maximum(share, carried_share)[:, None])}
 
-    def recent(self, cache: LongHeadsCache, n_chunks: int) -> Tuple[mx.array, mx.array]:
-        """The most peaked choice noted in the `span` tokens before the cache's offset,
-        as a pooled attention [B, n_chunks] (1 on its chunks, 0 elsewhere), and its
-        share [B] (-1 where none was noted)."""
-        share, chunks = cache.recent_choice(cache.offset, self.span)
-        return chunk_mask(chunks, n_chunks).astype(mx.float32), share
+
+def recent_choice(cache: LongHeadsCache, span: int, n_chunks: int) -> Tuple[mx.array, mx.array]:
+    """The most peaked choice noted in the `span` tokens before the cache's offset, as a
+    pooled attention [B, n_chunks] (1 on its chunks, 0 elsewhere), and its share [B]
+    (-1 where none was noted)."""
+    share, chunks = cache.recent_choice(cache.offset, span)
+    return chunk_mask(chunks, n_chunks).astype(mx.float32), share
 
 
 class ReuseRelay(CarryRelay):
@@ -295,8 +320,68 @@ class ReuseRelay(CarryRelay):
     def without_first_pass(self, cache: LongHeadsCache, tokens: int) -> None:
         """Called instead of the first pass and `between_passes` where
         `first_pass_needed` said no: the second pass takes the recent choice."""
-        carried, share = self.recent(cache, (cache.offset + tokens) // cache.chunk_size)
+        carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
         self.best = {0: (carried[:, None], share[:, None])}  # over the second pass's candidates
+
+
+class FilterRelay:
+    """What the "one_pass_filter" selection carries: one layer's choice, to the layers
+    after it in the same pass and to the layers before it at the next group.
+
+    "two_pass_carry" runs every group past F twice and measures the pooled attention of
+    every layer over every key, to share the chunks of the most peaked one. That layer
+    was nearly always the same one (layer 18 of SmolLM2's 30 in 13 of 18 decoded steps,
+    results/decode_choice.md), and that layer's own top chunks held the answer's chunk
+    as often as the most peaked layer's did. So one pass:
+      - the filter layer (`layer`, found by `calibrate` on the loaded model) measures
+        its pooled attention; its choice, or the most peaked choice noted in the `span`
+        tokens before the group where that was more peaked (as `CarryRelay` keeps
+        them), fills the shared slots of it and of the layers after it;
+      - the layers before it take that recent choice (each head's own ranking fills
+        their slots where none was noted: the first group past F);
+      - the group's own choice is noted in layer 0's cache (`run`), for the groups after it.
+    Per token that reads the weights once and one layer's keys, where "two_pass_carry"
+    reads the weights twice and every layer's keys. The host decides whether a choice
+    was noted from the offsets alone (every group past F notes one), not inside a layer.
+    """
+
+    def __init__(self, shared: int, span: int, full_length: int, layer: Optional[int] = None):
+        """full_length: F in tokens; layer: the filter layer (set once calibrated)."""
+        self.shared = shared
+        self.span = span
+        self.full_length = full_length
+        self.layer = layer
+        self.carried: Optional[Tuple[mx.array, mx.array]] = None  # (pooled [B, 1, C], share [B, 1])
+        self.fresh: Optional[Tuple[mx.array, mx.array]] = None  # the filter layer's own
+        self.kept: Optional[mx.array] = None
+
+    def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
+        """One group's pass through `forward` (its `tokens` queries after the caches'
+        offset), with the recent choice carried in and the group's own noted after."""
+        cache = caches[0]
+        self.carried = None
+        if cache.choices is not None and cache.offset > self.full_length:
+            carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
+            self.carried = (carried[:, None], share[:, None])
+        out = forward()
+        pooled, share = self.fresh
+        cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
+        return out
+
+    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
+        """The pooled attention [B, 1, C] that `layer`'s shared slots follow (None: none,
+        each head ranks all its slots), measured (`measure`) at the filter layer only."""
+        if layer < self.layer:
+            return None if self.carried is None else self.carried[0]
+        if layer == self.layer:
+            pooled = measure()
+            share = peakedness(pooled)
+            self.fresh = self.kept = (pooled, share)
+            if self.carried is not None:
+                carried, carried_share = self.carried
+                keep = carried_share > share
+                self.kept = (mx.where(keep[..., None], carried, pooled), mx.maximum(share, carried_share))
+        return self.kept[0]
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
@@ -347,7 +432,7 @@ def window_slots(
     config: LongHeadsConfig,
     rope: RoPE,
     scale: float,
-    relay: Optional[Callable[[mx.array], mx.array]] = None,
+    relay: Optional[Callable[[Callable[[], mx.array]], Optional[mx.array]]] = None,
 ) -> mx.array:
     """The chunk in each window slot, [B, Hs, G, n]; the last slot is the group's own chunk.
 
@@ -356,8 +441,9 @@ def window_slots(
     true positions, so n = max(own) + 1 slots hold chunks 0..n-2 and the own chunk
     (slots a group may not see are masked by attend_groups): short contexts cost what
     ordinary attention costs. newest: where each group's newest query sits in it.
-    relay (the two-pass selections): the layer's pooled attention -> the one its
-    shared slots follow (`CarryRelay.most_peaked`).
+    relay (the selections that link layers): given a way to measure the layer's pooled
+    attention, the one its shared slots follow, or None where each head ranks all its
+    slots (`CarryRelay.choose`, `FilterRelay.choose`).
     """
     B, H, G = queries.shape[:3]
     n_kv_heads = cache.kv_heads
@@ -372,10 +458,14 @@ def window_slots(
     query_sums = queries.astype(mx.float32).sum(axis=3)
     C = cache.complete_chunks
     representations = cache.representations[:, :, :C]
-    if config.runs_twice:
+
+    def measure() -> mx.array:  # the layer's pooled attention, where the relay asks for it
         index = mx.array(newest)[None, None, :, None, None]
         newest_queries = mx.take_along_axis(queries, index, axis=3)[:, :, :, 0]
-        pooled = relay(pooled_attention(newest_queries, cache, mx.array(own), rope, scale))
+        return pooled_attention(newest_queries, cache, mx.array(own), rope, scale)
+
+    pooled = None if relay is None else relay(measure)
+    if pooled is not None:
         return select_chunks_pooled(
             query_sums, representations, pooled, mx.array(own), config.num_chunks, config.shared_slots
         )
@@ -397,7 +487,7 @@ def attend_groups(
     rope: RoPE,
     scale: float,
     config: LongHeadsConfig,
-    relay: Optional[Callable[[mx.array], mx.array]] = None,
+    relay: Optional[Callable[[Callable[[], mx.array]], Optional[mx.array]]] = None,
 ) -> mx.array:
     """Attention for G groups of g consecutive queries, each group sharing its window.
 
@@ -472,15 +562,15 @@ def longheads_attention(
     rope: RoPE,
     scale: float,
     config: LongHeadsConfig,
-    relay: Optional[Callable[[int, mx.array], mx.array]] = None,
+    relay: Optional[Callable[..., Optional[mx.array]]] = None,
 ) -> mx.array:
     """One layer's attention for T new tokens, updating the cache.
 
     queries [B, H, T, D], keys and values [B, Hk, T, D], all before RoPE.
-    relay: with a selection that links layers, the relay's `most_peaked` bound to this
+    relay: with a selection that links layers, the relay's `choose` bound to this
     layer (the link to the model's other layers). Returns [B, H, T, Dv].
     """
-    if config.runs_twice and relay is None:
+    if config.links_layers and relay is None:
         raise ValueError(
             f"the {config.selection} selection links a model's layers: apply it with apply_longheads"
         )

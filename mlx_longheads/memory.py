@@ -43,7 +43,7 @@ def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConf
         per_token += heads * head_dim / w * itemsize
         extra = (1 + UNDO_CHUNKS) * heads * w * head_dim * itemsize
     choices = 0
-    if longheads is not None and longheads.runs_twice:
+    if longheads is not None and longheads.links_layers:
         choices = tokens * (1 + longheads.shared_slots) * 4
     return int(len(model.layers) * (per_token * tokens + extra) + choices)
 

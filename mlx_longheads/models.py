@@ -5,15 +5,17 @@ projections, norms and RoPE (so quantized weights and parameter names are unchan
 and attends with `longheads_attention` over a `LongHeadsCache`.
 """
 
+from dataclasses import replace
 from functools import partial
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
-from .longheads import CarryRelay, ReuseRelay, longheads_attention
+from .calibrate import filter_layer
+from .longheads import CarryRelay, FilterRelay, ReuseRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -27,7 +29,7 @@ class LongHeadsAttention(nn.Module):
         relay: Optional[Callable[[int, mx.array], mx.array]] = None,
     ):
         """relay: the link to the model's other layers of a selection that has one
-        (the relay's `most_peaked` bound to this layer); None for the other selections."""
+        (the relay's `choose` bound to this layer); None for the other selections."""
         super().__init__()
         self.n_heads = attention.n_heads
         self.n_kv_heads = attention.n_kv_heads
@@ -67,55 +69,32 @@ class LongHeadsAttention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, T, -1))
 
 
-class TwoPassCall:
-    """The forward call of a model under a two-pass selection, mixed into its class.
+class LinkedCall:
+    """The forward call of a model whose selection links its layers, mixed into its class.
 
-    Each group of queries past F goes through the model twice: the first pass leaves
-    the most peaked layer's pooled attention in the `CarryRelay`; the cache is trimmed
-    back (and the relay told, `between_passes`) and the second pass, whose keys, values
-    and logits are kept, gives every layer that choice's shared chunks. A group's
-    second pass must read the second-pass keys of the groups before it, so a call is
-    cut into one piece per group (a chunk, or a token with prefill "exact") past F:
-    a prompt prefilled in one call is computed as when fed one group per call. With
-    "two_pass_reuse" a decoded token may skip its first pass (`ReuseRelay`).
+    A layer past F takes a choice made in another layer (the relay's, `longheads.CarryRelay`
+    or `longheads.FilterRelay`), and a group takes the one noted by the groups before it,
+    so a call is cut into one piece per group (a chunk, or a token with prefill "exact")
+    past F, each run by the relay (`run`: twice for the two-pass selections, once with
+    "one_pass_filter"): a prompt prefilled in one call is computed as when fed one group
+    per call.
     """
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LongHeadsCache]] = None) -> mx.array:
         cache = self.make_cache() if cache is None else cache
-        config, relay = self.layers[0].self_attn.config, self.two_pass_relay
+        config, relay = self.layers[0].self_attn.config, self.relay
         logits = []
-        for first, last, twice in two_pass_pieces(config, cache[0].offset, inputs.shape[1]):
+        for first, last, linked in group_pieces(config, cache[0].offset, inputs.shape[1]):
             forward = partial(super().__call__, inputs[:, first:last], cache=cache)
-            logits.append(run_twice(forward, cache, relay, last - first) if twice else forward())
+            logits.append(relay.run(forward, cache, last - first) if linked else forward())
         return mx.concatenate(logits, axis=1)
 
 
-def run_twice(forward: Callable[[], Any], cache: List[LongHeadsCache], relay: CarryRelay, tokens: int) -> Any:
-    """One group's two passes through `forward` (the model's, or layers', call on its
-    `tokens` queries): the first, where the relay asks for it, then the cache rolled
-    back and the second, whose result is returned."""
-    if relay.first_pass_needed(cache[0], tokens):
-        relay.replaying = False
-        forward()
-        # Evaluated before the roll-back: no read of the first pass is pending
-        # when the second writes over its keys and values (no buffer copies).
-        mx.eval([best for best, _ in relay.best.values()], [c.buffers for c in cache])
-        if [layer_cache.trim(tokens) for layer_cache in cache] != [tokens] * len(cache):
-            raise RuntimeError("the first pass could not be rolled back exactly")
-        relay.between_passes(cache[0], tokens)
-    else:
-        relay.without_first_pass(cache[0], tokens)
-    relay.replaying = True
-    try:
-        return forward()
-    finally:
-        relay.replaying = False
-
-
-def two_pass_pieces(config: LongHeadsConfig, start: int, tokens: int) -> List[Tuple[int, int, bool]]:
-    """How a two-pass selection cuts a call of `tokens` queries after `start` cached ones:
-    (first, last, twice) per piece. Queries up to F are one piece, run once; past F one
-    piece per group (a chunk, or a token with prefill "exact"), run twice."""
+def group_pieces(config: LongHeadsConfig, start: int, tokens: int) -> List[Tuple[int, int, bool]]:
+    """How a selection that links layers cuts a call of `tokens` queries after `start`
+    cached ones: (first, last, linked) per piece. Queries up to F are one piece, run as
+    they are; past F one piece per group (a chunk, or a token with prefill "exact"),
+    run by the relay."""
     below = min(max(config.full_chunks * config.chunk_size - start, 0), tokens)
     group = 1 if config.prefill == "exact" else config.chunk_size
     cuts = [i for i in range(below + 1, tokens) if (start + i) % group == 0]
@@ -123,10 +102,10 @@ def two_pass_pieces(config: LongHeadsConfig, start: int, tokens: int) -> List[Tu
     return [(first, last, first >= below) for first, last in zip(bounds, bounds[1:])]
 
 
-def with_two_pass(cls: type, two_pass: bool) -> type:
-    """A model class with `TwoPassCall` mixed in, or taken out again."""
-    base = cls.__bases__[1] if issubclass(cls, TwoPassCall) else cls
-    return type(base.__name__, (TwoPassCall, base), {}) if two_pass else base
+def with_linked_call(cls: type, linked: bool) -> type:
+    """A model class with `LinkedCall` mixed in, or taken out again."""
+    base = cls.__bases__[1] if issubclass(cls, LinkedCall) else cls
+    return type(base.__name__, (LinkedCall, base), {}) if linked else base
 
 
 def check_supported(model: nn.Module) -> None:
@@ -161,10 +140,12 @@ def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongH
     return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
 
 
-def make_relay(config: LongHeadsConfig) -> Optional[CarryRelay]:
+def make_relay(config: LongHeadsConfig) -> Optional[Union[CarryRelay, FilterRelay]]:
     """The link between a model's layers that the selection needs (None: unlinked)."""
-    relays = {"two_pass_carry": CarryRelay, "two_pass_reuse": ReuseRelay}
-    relay = relays.get(config.selection)
+    if config.selection == "one_pass_filter":
+        F = config.full_chunks * config.chunk_size
+        return FilterRelay(config.shared_slots, config.chunk_size, F, config.filter_layer)
+    relay = {"two_pass_carry": CarryRelay, "two_pass_reuse": ReuseRelay}.get(config.selection)
     return relay(config.shared_slots, config.chunk_size) if relay else None
 
 
@@ -182,15 +163,26 @@ def apply_longheads(
     config = (config or LongHeadsConfig()).resolve(
         model.args.max_position_embeddings, head_dim(model.args)
     )
+    if config.filter_layer is not None and config.filter_layer >= len(model.layers):
+        raise ConfigError(
+            f"filter_layer {config.filter_layer} is past the model's last layer "
+            f"({len(model.layers) - 1}): use one from 0 to {len(model.layers) - 1}, or None to calibrate"
+        )
     relay = make_relay(config)
     for index, layer in enumerate(model.layers):
-        link = None if relay is None else partial(relay.most_peaked, index)
+        link = None if relay is None else partial(relay.choose, index)
         layer.self_attn = LongHeadsAttention(layer.self_attn, config, link)
-    model.__class__ = with_two_pass(type(model), config.runs_twice)
-    if config.runs_twice:
-        model.two_pass_relay = relay
+    model.__class__ = with_linked_call(type(model), config.links_layers)
+    if config.links_layers:
+        model.relay = relay
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
     model.make_cache = lambda: [make_cache(config, max_size) for _ in model.layers]
+    if config.selection == "one_pass_filter" and config.filter_layer is None:
+        # Calibrated inside F, where the relay is not asked: the model's own attention.
+        config = replace(config, filter_layer=filter_layer(model, config))
+        relay.layer = config.filter_layer
+        for layer in model.layers:
+            layer.self_attn.config = config
     return config
 
 

@@ -79,9 +79,9 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
     config None: stock attention, every key and value. LongHeads, resolved for `shape`:
     up to F the chunks 0..own once per KV head (stock attention's reads, in whole
     chunks); past F, per pass, each selecting head's k chunks of keys and values, the
-    representations of the complete chunks where a head ranks them itself, and in a
-    two-pass selection's first pass every complete chunk's keys once per KV head (the
-    pooled attention).
+    representations of the complete chunks where a head ranks them itself, and every
+    complete chunk's keys once per KV head for the pooled attention: in every layer of
+    a two-pass selection's first pass, in the filter layer alone with "one_pass_filter".
     """
     D, Hk, kv_item = shape.head_dim, shape.kv_heads, kv_element_bytes(shape.itemsize, config)
     reads = dict.fromkeys(PARTS, 0.0)
@@ -95,7 +95,7 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
         reads["keys"] = reads["values"] = shape.layers * Hk * (own + 1) * w * D * kv_item
         return reads
     selecting = Hk if config.selection == "kv_head" else shape.heads
-    ranks_itself = not config.runs_twice or k - 3 > config.shared_slots
+    ranks_itself = not config.links_layers or k - 3 > config.shared_slots
     first_passes = 1 / (w + 1) if config.selection == "two_pass_reuse" else 1
     passes = 1 + first_passes if config.runs_twice else 1
     per_layer = dict(
@@ -106,6 +106,6 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
     for part, size in per_layer.items():
         reads[part] = passes * shape.layers * size
     reads["weights"] = passes * shape.weight_bytes
-    if config.runs_twice:
-        reads["pooled keys"] = first_passes * shape.layers * Hk * complete * w * D * kv_item
+    measuring = first_passes * shape.layers if config.runs_twice else int(config.links_layers)
+    reads["pooled keys"] = measuring * Hk * complete * w * D * kv_item
     return reads

@@ -35,7 +35,8 @@ def longheads(
     F: the full attention length, below which a query attends to all tokens up to it
     (None: L, the paper's threshold). pooled: the first ceil((k-3)/2) retrieved chunks
     of every head are the top of mass(newest) for the group's newest query (the
-    two-pass selections', `two_pass_layers`); the rest each head's own.
+    linked selections', `two_pass_layers`, `filter_layers`); the rest each head's own
+    (all of them where mass(newest) is None).
     group_of[t]: queries with the same value share one selection, scored by the sum
     of their scores (None: each token selects alone). per_kv_head: the scores of the
     query heads of a KV head are summed and the KV head selects once. gaps: a list each
@@ -69,9 +70,8 @@ def longheads(
         own, o = divmod(t, w)
         members = np.flatnonzero(group_of == group_of[t])
         shared = []
-        if pooled and own >= full_chunks:
-            newest = members.max()
-            total = mass(newest)
+        total = mass(members.max()) if pooled and own >= full_chunks else None
+        if total is not None:
             shared = [int(c) for c in 1 + np.argsort(-total, kind="stable")[: -(-retrieved // 2)]]
             note_margin(gaps, total, len(shared))
         for h in range(H):
@@ -185,3 +185,48 @@ def carried_masses(most_peaked, n, w, L, F, group_of, gaps, reuse=False):
                 mass = carried(chunks)
         masses[newest] = mass
     return masses
+
+
+def filter_layers(layers, w, L, scale, base, filter_layer, group_of=None, F=None):
+    """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under
+    "one_pass_filter", and the smallest gap between two shares compared or two scores
+    ranked.
+
+    Past F (None: L), each group in order: the layers from `filter_layer` on share the
+    top chunks of that layer's pooled mass for the group's newest query, or the chunks
+    noted by an earlier group whose newest query is among the w tokens before the
+    group's first, where that one's share (of its top chunk in its mass) is larger;
+    the layers before `filter_layer` share that earlier group's chunks (none where no
+    group noted one: each head ranks all its slots). Each group notes its own top
+    chunks and share."""
+    gaps = [np.inf]
+    group_of = np.arange(layers[0][0].shape[1]) if group_of is None else np.asarray(group_of)
+    filter_q, filter_k, _ = layers[filter_layer]
+    shared = -(-(L // w - 3) // 2)
+    noted, before, after = {}, {}, {}
+    for group in dict.fromkeys(group_of):
+        members = np.flatnonzero(group_of == group)
+        first, newest = members.min(), members.max()
+        if newest // w < (F or L) // w:
+            continue
+        carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
+        mass = pooled_mass(filter_q[:, newest], filter_k, newest // w, w, scale, base)
+        share = mass.max() / mass.sum()
+        earlier = [noted[p] for p in noted if first - w <= p < first]
+        before[newest], after[newest] = None, mass
+        if earlier:
+            best_share, chunks = max(earlier, key=lambda noted: noted[0])
+            gaps.append(abs(best_share - share))
+            before[newest] = carried(chunks)
+            if best_share > share:
+                after[newest] = carried(chunks)
+        noted[newest] = (share, 1 + np.argsort(-mass, kind="stable")[:shared])
+        note_margin(gaps, mass, shared)
+    outputs = [
+        longheads(
+            q, k, v, w, L, scale, base, group_of=group_of, F=F, pooled=True, gaps=gaps,
+            mass=(before if layer < filter_layer else after).__getitem__,
+        )
+        for layer, (q, k, v) in enumerate(layers)
+    ]
+    return outputs, min(gaps)

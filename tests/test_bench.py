@@ -13,7 +13,7 @@ from mlx_longheads import bench
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.longheads import chunk_representations, longheads_attention
-from mlx_longheads.models import TwoPassCall, apply_longheads
+from mlx_longheads.models import LinkedCall, apply_longheads
 
 
 @pytest.fixture
@@ -113,14 +113,14 @@ def test_decode_continues_from_a_filled_cache_as_from_an_appended_one(context):
     )
 
 
-def test_switching_methods_switches_attention_and_the_two_pass_call():
+def test_switching_methods_switches_attention_and_the_linked_call():
     """The model bench switches one model between methods: the default (two_pass_carry)
     mixes its call into the model's class once, and stock attention takes it out again."""
     model = tiny_model("llama")
     stock, own_class = [layer.self_attn for layer in model.layers], type(model)
     for _ in range(2):
         bench.use_method(model, stock, bench.METHODS["longheads"])  # the default: two_pass_carry
-        assert type(model).__bases__ == (TwoPassCall, own_class)
+        assert type(model).__bases__ == (LinkedCall, own_class)
     bench.use_method(model, stock, bench.METHODS["longheads-head"])  # one pass
     assert type(model) is own_class
     bench.use_method(model, stock, None)

@@ -16,7 +16,7 @@ from mlx_longheads.longheads import (
     rotate_in_chunks,
     select_chunks,
 )
-from mlx_longheads.models import make_cache, make_relay, run_twice, two_pass_pieces
+from mlx_longheads.models import group_pieces, make_cache, make_relay
 
 import reference
 
@@ -36,9 +36,9 @@ def random_qkv(n: int, seed: int = 0, d: int = D):
 def run_layers(layers, config, steps, scale=SCALE, rope=None):
     """Several layers' longheads_attention ((q, k, v) each) over the tokens in calls of
     the given sizes, each call going through the layers in order as a model's forward
-    call does (linked by the selection's relay, `models.make_relay`; with the two-pass
-    selections each call cut into `models.two_pass_pieces` and a piece past F run
-    twice by `models.run_twice`, as `models.TwoPassCall` does).
+    call does (linked by the selection's relay, `models.make_relay`; with a selection
+    that links layers each call cut into `models.group_pieces` and a piece past F run
+    by the relay, as `models.LinkedCall` does).
     Returns each layer's outputs and cache."""
     relay = make_relay(config)
     caches = [make_cache(config) for _ in layers]
@@ -50,16 +50,16 @@ def run_layers(layers, config, steps, scale=SCALE, rope=None):
             longheads_attention(
                 *(mx.array(a[None, :, sl]) for a in (q, k, v)),
                 caches[index], rope, scale, config,
-                partial(relay.most_peaked, index) if config.runs_twice else None,
+                partial(relay.choose, index) if config.links_layers else None,
             )
             for index, (q, k, v) in enumerate(layers)
         ]
 
     for size in steps:
-        pieces = two_pass_pieces(config, start, size) if config.runs_twice else [(0, size, False)]
-        for first, last, twice in pieces:
+        pieces = group_pieces(config, start, size) if config.links_layers else [(0, size, False)]
+        for first, last, linked in pieces:
             call = partial(forward, slice(start + first, start + last))
-            for index, out in enumerate(run_twice(call, caches, relay, last - first) if twice else call()):
+            for index, out in enumerate(relay.run(call, caches, last - first) if linked else call()):
                 outputs[index].append(out)
         start += size
     return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs], caches
@@ -76,6 +76,8 @@ def expected_outputs(layers, config, group_of=None, scale=SCALE):
     smallest margin of its choices: between two shares or two chunks' scores it
     ranked (inf where it ranked none)."""
     w, L, F = config.chunk_size, config.attention_length, config.full_attention_length
+    if config.selection == "one_pass_filter":
+        return reference.filter_layers(layers, w, L, scale, BASE, config.filter_layer, group_of=group_of, F=F)
     if config.runs_twice:
         reuse = config.selection == "two_pass_reuse"
         return reference.two_pass_layers(layers, w, L, scale, BASE, group_of=group_of, F=F, reuse=reuse)
@@ -186,16 +188,18 @@ def test_below_the_full_attention_length_it_is_stock_attention_past_attention_le
     np.testing.assert_allclose(out, np.array(expected[0]), atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"])
 @pytest.mark.parametrize(
     "prefill, steps",
     [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40), ("grouped", [20] * 6)],
 )
 def test_past_the_full_attention_length_heads_select(selection, prefill, steps):
     """The shipped shape, F > L (F = 48, L = 32, chunks of 8): stock attention below F
-    and the selection past it, also inside one call, as the numpy rule gives it."""
-    config = LongHeadsConfig(8, 32, selection=selection, prefill=prefill, full_attention_length=48)
-    layers = [random_qkv(120, seed=9 + layer) for layer in range(2 if config.runs_twice else 1)]
+    and the selection past it, also inside one call, as the numpy rule gives it (two
+    layers where the selection links them; "one_pass_filter"'s filter layer the second)."""
+    config = LongHeadsConfig(8, 32, selection=selection, prefill=prefill, full_attention_length=48,
+                             filter_layer=1 if selection == "one_pass_filter" else None)
+    layers = [random_qkv(120, seed=9 + layer) for layer in range(2 if config.links_layers else 1)]
     expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
     assert gap > 1e-4
     for out, want in zip(run_layers(layers, config, steps)[0], expected):
@@ -219,8 +223,25 @@ def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(sele
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse"])
-def test_the_two_pass_selections_need_the_models_other_layers(selection):
+@pytest.mark.parametrize("L, F", [(32, 32), (56, 56), (32, 56)])
+@pytest.mark.parametrize("filter_layer", [0, 1, 2])
+@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24), ("grouped", [120])])
+def test_one_pass_filter_shares_the_filter_layers_choice(L, F, filter_layer, prefill, steps):
+    """Three layers, one pass: the filter layer's pooled attention, or a more peaked
+    group's noted within the chunk before, gives the shared chunks of it and the layers
+    after it; the layers before it take that earlier group's (each head its own where
+    none was noted, at the first group past F), as the numpy rule gives it."""
+    config = LongHeadsConfig(8, L, selection="one_pass_filter", prefill=prefill, full_attention_length=F,
+                             filter_layer=filter_layer)
+    layers = [random_qkv(120, seed=40 + layer) for layer in range(3)]
+    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
+    assert gap > 1e-4
+    for out, want in zip(run_layers(layers, config, steps)[0], expected):
+        np.testing.assert_allclose(out, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "two_pass_reuse"])
+def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
     config = LongHeadsConfig(8, 32, selection=selection)
     with pytest.raises(ValueError, match="apply it with apply_longheads"):
@@ -300,20 +321,39 @@ def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypa
     assert (last == needle).any(axis=-1).all()
 
 
+def counted_measurements(monkeypatch):
+    """The list each later measurement of a layer's pooled attention appends the
+    cache it reads to."""
+    calls, measure = [], longheads.pooled_attention
+    monkeypatch.setattr(longheads, "pooled_attention", lambda q, cache, *a: calls.append(cache) or measure(q, cache, *a))
+    return calls
+
+
 def test_two_pass_reuse_runs_a_first_pass_per_prompt_chunk_and_per_chunk_of_decoded_tokens(monkeypatch):
     """"two_pass_reuse": each chunk of a prompt past F runs its first pass, whose layers
-    measure their pooled attention over every key (the second pass replays the choice:
-    its pooled attention is never evaluated); a decoded token does only where no choice
-    was noted in the chunk_size tokens before it, so once per chunk_size + 1 tokens."""
+    measure their pooled attention over every key (the second pass replays the choice
+    and measures nothing); a decoded token does only where no choice was noted in the
+    chunk_size tokens before it, so once per chunk_size + 1 tokens."""
     w, L, prompt, decoded = 8, 32, 64, 27
-    calls, measure = [], longheads.CarryRelay.peakedness
-    monkeypatch.setattr(longheads.CarryRelay, "peakedness", lambda *a: calls.append(1) or measure(*a))
+    calls = counted_measurements(monkeypatch)
     config = LongHeadsConfig(w, L, selection="two_pass_reuse")
     layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(2)]
     run_layers(layers, config, [prompt] + [1] * decoded)
     chunks_past_f = (prompt - L) // w
     first_passes = chunks_past_f + decoded // (w + 1)  # decoded tokens 9, 18, 27 choose
     assert len(calls) == len(layers) * first_passes
+
+
+def test_one_pass_filter_measures_one_layer_once_per_group(monkeypatch):
+    """"one_pass_filter" reads every key of the filter layer alone, once per group past
+    F (a prompt's chunk, a decoded token): no other layer's pooled attention, no second pass."""
+    w, L, prompt, decoded = 8, 32, 64, 11
+    calls = counted_measurements(monkeypatch)
+    config = LongHeadsConfig(w, L, selection="one_pass_filter", filter_layer=1)
+    layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(3)]
+    _, caches = run_layers(layers, config, [prompt] + [1] * decoded)
+    assert len(calls) == (prompt - L) // w + decoded
+    assert all(cache is caches[1] for cache in calls)
 
 
 @settings(max_examples=60, deadline=None)
@@ -385,14 +425,15 @@ def quantization_round_trip(k, v, w, bits, group):
     return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
 def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps, selection):
     """kv_bits changes nothing but the stored keys and values (representations and the
     two-pass selections' pooled attention included), at the shipped shape F > L."""
     w, L, F, d, n = 8, 32, 48, 32, 120
-    config = LongHeadsConfig(w, L, selection, prefill, kv_bits=bits, full_attention_length=F).resolve(None, d)
+    config = LongHeadsConfig(w, L, selection, prefill, kv_bits=bits, full_attention_length=F,
+                             filter_layer=0 if selection == "one_pass_filter" else None).resolve(None, d)
     assert config.kv_group_size == 32  # the head dim, under 64
     q, k, v = random_qkv(n, seed=11, d=d)
     kq, vq = quantization_round_trip(k, v, w, bits, 32)

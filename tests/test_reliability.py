@@ -41,6 +41,12 @@ REBUILD = "delete it and run the prompt again to rebuild it"
 CONFIG = LongHeadsConfig(chunk_size=8, attention_length=32)
 
 
+def filter_layer(selection: str):
+    """The filter layer one_pass_filter is given here: the tiny models' second (of two),
+    so one layer takes the carried choice; F of a few chunks leaves too few to calibrate."""
+    return 1 if selection == "one_pass_filter" else None
+
+
 def random_tokens(n: int, seed: int = 0, rows: int = 1) -> mx.array:
     return mx.array(np.random.default_rng(seed).integers(0, TINY["vocab_size"], (rows, n)))
 
@@ -127,7 +133,7 @@ def generate_checking(run: Run) -> None:
     """Generate through mlx-lm's generate_step, checking the cache after each model call."""
     model = tiny_model(run.arch)
     L = run.w * run.chunks  # the paper's threshold F = L, so short runs select too
-    config = LongHeadsConfig(run.w, L, run.selection, run.prefill, full_attention_length=L)
+    config = LongHeadsConfig(run.w, L, run.selection, run.prefill, full_attention_length=L, filter_layer=filter_layer(run.selection))
     apply_longheads(model, config, max_size=run.max_size)
     cache = [GrowthWatch(c.chunk_size, c.max_size) for c in model.make_cache()]
 
@@ -172,7 +178,7 @@ def runs(draw) -> Run:
         step=draw(st.integers(1, L)),
         max_size=draw(st.one_of(st.none(), st.integers(1, 3 * L))),
         prefill=draw(st.sampled_from(["grouped", "exact"])),
-        selection=draw(st.sampled_from(["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"])),
+        selection=draw(st.sampled_from(["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"])),
     )
 
 
@@ -253,7 +259,7 @@ def test_buffers_grow_by_one_step_and_preallocation_keeps_nbytes_constant(w, max
     arch=st.sampled_from(list(ARCHITECTURES)),
     w=st.sampled_from([4, 8]),
     chunks=st.integers(4, 5),
-    selection=st.sampled_from(["two_pass_carry", "two_pass_reuse", "query_head", "kv_head"]),
+    selection=st.sampled_from(["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"]),
     cuts=st.lists(st.integers(1, 30), min_size=2, max_size=5),
 )
 def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token(
@@ -264,7 +270,7 @@ def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token
     feeding one token per call."""
     L = w * chunks
     model = tiny_model(arch)
-    apply_longheads(model, LongHeadsConfig(w, L, selection, prefill="exact", full_attention_length=L))
+    apply_longheads(model, LongHeadsConfig(w, L, selection, prefill="exact", full_attention_length=L, filter_layer=filter_layer(selection)))
     prompt = random_tokens(sum(cuts), seed=len(cuts))
     cache = model.make_cache()
     starts = np.cumsum([0] + cuts)
@@ -289,7 +295,7 @@ def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token
 @pytest.mark.parametrize(
     "arch, selection, kv_bits",
     [
-        *[("llama", s, None) for s in ("two_pass_carry", "two_pass_reuse", "query_head", "kv_head")],
+        *[("llama", s, None) for s in ("two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head")],
         ("qwen3", "two_pass_carry", None),
         ("qwen3", "two_pass_carry", 8),
         ("qwen3", "query_head", 8),
@@ -301,7 +307,8 @@ def test_a_batch_of_two_prompts_gives_each_row_the_logits_it_gets_alone(arch, pr
     prefilled in two calls and then decoded, give each row the logits of its prompt run
     alone, with float or 8-bit keys and values (qwen3 at head dim 32, which quantizes)."""
     model = tiny_model(arch, **({} if arch == "llama" else {"head_dim": 32}))
-    config = LongHeadsConfig(8, 32, selection, prefill=prefill, full_attention_length=48, kv_bits=kv_bits)
+    config = LongHeadsConfig(8, 32, selection, prefill=prefill, full_attention_length=48, kv_bits=kv_bits,
+                             filter_layer=filter_layer(selection))
     apply_longheads(model, config)
     tokens = random_tokens(75, seed=1, rows=2)
     calls = [(0, 30), (30, 70)] + [(t, t + 1) for t in range(70, 75)]
