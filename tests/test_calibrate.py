@@ -1,7 +1,6 @@
 """The filter layer of "one_pass_filter": found on the loaded model, once, and refused clearly."""
 
-import os
-from pathlib import Path
+import json
 
 import numpy as np
 import pytest
@@ -37,9 +36,10 @@ def test_the_filter_layer_is_the_best_on_average_over_the_prompts(monkeypatch):
     assert found.layer == 1 and found.shares == [0.3, 0.3667, 0.1]
 
 
-def test_applying_the_selection_calibrates_once_per_model_and_keeps_the_layer(monkeypatch):
+def test_applying_the_selection_calibrates_once_per_model_and_keeps_the_layer(monkeypatch, tmp_path):
     """The first apply measures the tiny model and writes the layer to the cache folder;
     the next apply reads it (no measurement), and the model's layers and relay use it."""
+    monkeypatch.setenv("MLX_LONGHEADS_CACHE", str(tmp_path))
     calls = []
     measure = calibrate.calibrate
     monkeypatch.setattr(calibrate, "calibrate", lambda *args: calls.append(1) or measure(*args))
@@ -51,8 +51,8 @@ def test_applying_the_selection_calibrates_once_per_model_and_keeps_the_layer(mo
         assert all(layer.self_attn.config.filter_layer == config.filter_layer for layer in model.layers)
         layers.append(config.filter_layer)
     assert calls == [1] and layers[0] == layers[1]
-    stored = list((Path(os.environ["MLX_LONGHEADS_CACHE"]) / "calibration").glob("*.json"))
-    assert len(stored) >= 1
+    (stored,) = (tmp_path / "calibration").glob("*.json")
+    assert json.loads(stored.read_text())["layer"] == layers[0]
 
 
 def test_a_given_filter_layer_is_used_without_calibrating(monkeypatch):
