@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
 
+    version = code_version()  # the code that runs, not the one when the report is written
     model, tokenizer = load(None, LongHeadsConfig(selection="query_head"))
     config = model.layers[0].self_attn.config
     found = calibrate(model, config)
@@ -54,7 +55,7 @@ def main() -> None:
     lines = [
         "# The filter layer: the calibration beside questions about real text",
         "",
-        f"Commit {code_version()}; SmolLM2-135M-Instruct, float32, chunk {config.chunk_size}; prompts inside "
+        f"Commit {version}; SmolLM2-135M-Instruct, float32, chunk {config.chunk_size}; prompts inside "
         "the trained length (the model's own attention). Per layer, the share of the prompt's last token's "
         "pooled attention (`longheads.pooled_attention`) on the chunk holding the answer, mean over the "
         f"prompts; the calibration picks layer **{found.layer}**.",
