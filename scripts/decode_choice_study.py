@@ -44,7 +44,7 @@ def record_first_passes(model, cache, last: int, steps: int) -> Dict[str, np.nda
     """Feed the prompt's last token and decode `steps` greedy tokens, recording each first
     pass: masses [steps + 1, layers, C], queries [steps + 1, layers, H, D] and the final
     representations [layers, H, C, D] (a chunk's never changes once complete)."""
-    relay, original, seen = model.two_pass_relay, longheads.pooled_attention, []
+    relay, original, seen = model.relay, longheads.pooled_attention, []
 
     def recording(queries, layer_cache, own, rope, scale):
         mass = original(queries, layer_cache, own, rope, scale)
