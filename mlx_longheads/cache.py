@@ -49,7 +49,7 @@ class LongHeadsCache(_BaseCache):
         self.queries: Optional[mx.array] = None  # [B, H, w, D]: the incomplete chunk's
         # [B, H, u * w, D]: the last u <= UNDO_CHUNKS complete chunks' (None: u = 0)
         self.undo_queries: Optional[mx.array] = None
-        # [B, capacity, 1 + s] (selections "two_pass_carry" and "two_pass_reuse", layer
+        # [B, capacity, 1 + s] (selections "two_pass_carry" and "one_pass_filter", layer
         # 0's cache only): per token, the choice of the group whose newest query it is,
         # as `record_choice` writes it; share -1 where no group's newest query is.
         self.choices: Optional[mx.array] = None
@@ -191,12 +191,6 @@ class LongHeadsCache(_BaseCache):
         best = mx.argmax(rows[..., 0], axis=1)
         row = mx.take_along_axis(rows, best[:, None, None], axis=1)[:, 0]
         return row[:, 0], row[:, 1:].astype(mx.uint32)
-
-    def has_recent_choice(self, start: int, span: int) -> bool:
-        """Whether a choice is noted at the `span` tokens before `start` (a host read)."""
-        if self.choices is None:
-            return False
-        return (self.choices[:, max(0, start - span) : start, 0] >= 0).any().item()
 
     # mlx-lm's cache interface
 

@@ -3,13 +3,18 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"]
-SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head")
-TWO_PASS_SELECTIONS = ("two_pass_carry", "two_pass_reuse")
-LINKED_SELECTIONS = (*TWO_PASS_SELECTIONS, "one_pass_filter")
-# Lost to two_pass_carry on every measured prompt and left the library on 2026-12-02
-# (docs/evaluation.md has their results and the commit that removed them).
-REMOVED_SELECTIONS = ("pooled", "peak", "two_pass", "two_pass_topk")
+Selection = Literal["two_pass_carry", "one_pass_filter", "query_head", "kv_head"]
+SELECTIONS = ("two_pass_carry", "one_pass_filter", "query_head", "kv_head")
+LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter")
+# Selections that lost their comparison, when they left the library and what answers what
+# they did (docs/evaluation.md has their results and the commits that removed them).
+REMOVED_SELECTIONS = {
+    "pooled": ("2026-12-02", "two_pass_carry"),
+    "peak": ("2026-12-02", "two_pass_carry"),
+    "two_pass": ("2026-12-02", "two_pass_carry"),
+    "two_pass_topk": ("2026-12-02", "two_pass_carry"),
+    "two_pass_reuse": ("2026-12-03", "one_pass_filter, at the paper's reads,"),
+}
 Prefill = Literal["grouped", "exact"]
 
 DEFAULT_CHUNK_SIZE = 256
@@ -47,10 +52,6 @@ class LongHeadsConfig:
       the layers after it and, at the next group, of the layers before it
       (`longheads.FilterRelay`): what "two_pass_carry" shares, at about the paper's
       reads (one layer's keys, not every layer's, and the weights once).
-      "two_pass_reuse": as "two_pass_carry", but a decoded token with a choice noted in
-      the chunk_size tokens before it takes that choice without a first pass
-      (`longheads.ReuseRelay`): a faster decode (every key is read once per
-      chunk_size + 1 tokens, not at every token), at some cost in answers.
       "query_head": the paper's rule, each query head picks its chunks by q . rep_c;
       "kv_head": the paper's rule per KV head (the scores of a GQA group summed).
     prefill: "grouped" lets the queries of one chunk within one forward call share a
@@ -82,7 +83,7 @@ class LongHeadsConfig:
     def runs_twice(self) -> bool:
         """Whether each group of queries past F goes through the model twice (and layer
         0's cache notes each group's choice, `CarryRelay`)."""
-        return self.selection in TWO_PASS_SELECTIONS
+        return self.selection == "two_pass_carry"
 
     @property
     def links_layers(self) -> bool:
@@ -169,9 +170,10 @@ class LongHeadsConfig:
                 f"use at most {trained_length}"
             )
         if self.selection in REMOVED_SELECTIONS:
+            day, successor = REMOVED_SELECTIONS[self.selection]
             raise ConfigError(
-                f"selection {self.selection!r} was removed on 2026-12-02 (two_pass_carry answers "
-                f"what it did): use one of {', '.join(map(repr, SELECTIONS))}"
+                f"selection {self.selection!r} was removed on {day} ({successor} answers what it "
+                f"did): use one of {', '.join(map(repr, SELECTIONS))}"
             )
         if self.selection not in SELECTIONS:
             raise ConfigError(

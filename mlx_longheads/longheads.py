@@ -255,29 +255,21 @@ class CarryRelay:
 
     def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
         """One group's two passes through `forward` (the model's, or layers', call on its
-        `tokens` queries): the first, where `first_pass_needed` asks for it, then the
-        caches rolled back and the second, whose result is returned."""
-        if self.first_pass_needed(caches[0], tokens):
-            self.replaying = False
-            forward()
-            # Evaluated before the roll-back: no read of the first pass is pending
-            # when the second writes over its keys and values (no buffer copies).
-            mx.eval([best for best, _ in self.best.values()], [c.buffers for c in caches])
-            if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
-                raise RuntimeError("the first pass could not be rolled back exactly")
-            self.between_passes(caches[0], tokens)
-        else:
-            self.without_first_pass(caches[0], tokens)
+        `tokens` queries): the first, then the caches rolled back and the second, whose
+        result is returned."""
+        self.replaying = False
+        forward()
+        # Evaluated before the roll-back: no read of the first pass is pending
+        # when the second writes over its keys and values (no buffer copies).
+        mx.eval([best for best, _ in self.best.values()], [c.buffers for c in caches])
+        if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
+            raise RuntimeError("the first pass could not be rolled back exactly")
+        self.between_passes(caches[0], tokens)
         self.replaying = True
         try:
             return forward()
         finally:
             self.replaying = False
-
-    def first_pass_needed(self, cache: LongHeadsCache, tokens: int) -> bool:
-        """Whether the group of `tokens` queries after the cache's offset runs its first
-        pass (asked before it, at the model's call): "two_pass_carry" always does."""
-        return True
 
     def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
         """Note the group's choice and keep the most peaked of it and the recent ones
@@ -298,30 +290,6 @@ def recent_choice(cache: LongHeadsCache, span: int, n_chunks: int) -> Tuple[mx.a
     (-1 where none was noted)."""
     share, chunks = cache.recent_choice(cache.offset, span)
     return chunk_mask(chunks, n_chunks).astype(mx.float32), share
-
-
-class ReuseRelay(CarryRelay):
-    """What the "two_pass_reuse" selection carries: "two_pass_carry"'s, and a decoded
-    token takes a recent choice instead of making its own.
-
-    A first pass reads every key in every layer (`pooled_attention`): with it at every
-    token, decoding costs what stock attention does and grows with the context. The
-    answers two_pass_carry won kept the question's choice. So a group of one query (a
-    decoded token, or a prompt's single last token) whose `span` tokens before it hold
-    a noted choice skips its first pass and takes the most peaked of those; only a
-    group that ran its first pass notes one. Decoding then reads every key once per
-    span + 1 tokens, and a prompt, whose groups are chunks, always chooses for itself.
-    The host reads the notes before the call, not inside a layer.
-    """
-
-    def first_pass_needed(self, cache: LongHeadsCache, tokens: int) -> bool:
-        return tokens > 1 or not cache.has_recent_choice(cache.offset, self.span)
-
-    def without_first_pass(self, cache: LongHeadsCache, tokens: int) -> None:
-        """Called instead of the first pass and `between_passes` where
-        `first_pass_needed` said no: the second pass takes the recent choice."""
-        carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
-        self.best = {0: (carried[:, None], share[:, None])}  # over the second pass's candidates
 
 
 class FilterRelay:

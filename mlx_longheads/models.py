@@ -15,7 +15,7 @@ import mlx.nn as nn
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .calibrate import filter_layer
-from .longheads import CarryRelay, FilterRelay, ReuseRelay, longheads_attention
+from .longheads import CarryRelay, FilterRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -145,8 +145,9 @@ def make_relay(config: LongHeadsConfig) -> Optional[Union[CarryRelay, FilterRela
     if config.selection == "one_pass_filter":
         F = config.full_chunks * config.chunk_size
         return FilterRelay(config.shared_slots, config.chunk_size, F, config.filter_layer)
-    relay = {"two_pass_carry": CarryRelay, "two_pass_reuse": ReuseRelay}.get(config.selection)
-    return relay(config.shared_slots, config.chunk_size) if relay else None
+    if config.selection == "two_pass_carry":
+        return CarryRelay(config.shared_slots, config.chunk_size)
+    return None
 
 
 def apply_longheads(

@@ -73,8 +73,7 @@ def shape_of(model: nn.Module) -> ModelShape:
 
 
 def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: int) -> Dict[str, float]:
-    """Bytes one token decoded after `context` cached tokens reads, by part (`PARTS`);
-    with "two_pass_reuse" the mean over the chunk_size + 1 tokens of its period.
+    """Bytes one token decoded after `context` cached tokens reads, by part (`PARTS`).
 
     config None: stock attention, every key and value. LongHeads, resolved for `shape`:
     up to F the chunks 0..own once per KV head (stock attention's reads, in whole
@@ -96,8 +95,7 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
         return reads
     selecting = Hk if config.selection == "kv_head" else shape.heads
     ranks_itself = not config.links_layers or k - 3 > config.shared_slots
-    first_passes = 1 / (w + 1) if config.selection == "two_pass_reuse" else 1
-    passes = 1 + first_passes if config.runs_twice else 1
+    passes = 2 if config.runs_twice else 1
     per_layer = dict(
         keys=selecting * k * w * D * kv_item,
         values=selecting * k * w * D * kv_item,
@@ -106,6 +104,6 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
     for part, size in per_layer.items():
         reads[part] = passes * shape.layers * size
     reads["weights"] = passes * shape.weight_bytes
-    measuring = first_passes * shape.layers if config.runs_twice else int(config.links_layers)
+    measuring = shape.layers if config.runs_twice else int(config.links_layers)
     reads["pooled keys"] = measuring * Hk * complete * w * D * kv_item
     return reads

@@ -24,7 +24,6 @@ import mlx.core as mx
 
 import mlx_longheads.longheads as longheads
 from mlx_longheads import LongHeadsConfig, load
-from mlx_longheads.config import TWO_PASS_SELECTIONS
 from mlx_longheads.eval import prefilled, selection_replaced
 from needle_oracle import greedy, studied_samples, write_report  # scripts/ is on the path when run
 
@@ -56,7 +55,7 @@ def main() -> None:
     parser.add_argument("--task", default="needle", choices=["needle", "multikey", "passkey"])
     parser.add_argument("--samples", default="5")
     parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--selection", default="two_pass_carry", choices=TWO_PASS_SELECTIONS)
+    parser.add_argument("--selection", default="two_pass_carry", choices=["two_pass_carry"])
     parser.add_argument("--steps", type=int, default=8, help="tokens decoded")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()

@@ -124,10 +124,10 @@ def pooled_mass(q_newest, k, own, w, scale, base):
     return total
 
 
-def two_pass_layers(layers, w, L, scale, base, group_of=None, F=None, reuse=False):
+def two_pass_layers(layers, w, L, scale, base, group_of=None, F=None):
     """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under
-    "two_pass_carry" (or, with reuse, "two_pass_reuse"), and the smallest gap between
-    two shares compared (how far from a tie).
+    "two_pass_carry", and the smallest gap between two shares compared (how far from a
+    tie).
 
     Past the full attention length F (None: L), a group's shared chunks in every layer
     are the top of the pooled mass of the most peaked layer of all (the largest share
@@ -149,7 +149,7 @@ def two_pass_layers(layers, w, L, scale, base, group_of=None, F=None, reuse=Fals
         return totals[best], shares[best]
 
     n = layers[0][0].shape[1]
-    carried = carried_masses(most_peaked, n, w, L, F or L, group_of, gaps, reuse)
+    carried = carried_masses(most_peaked, n, w, L, F or L, group_of, gaps)
     outputs = [
         longheads(q, k, v, w, L, scale, base, group_of=group_of, F=F, pooled=True, mass=carried.__getitem__, gaps=gaps)
         for q, k, v in layers
@@ -157,12 +157,11 @@ def two_pass_layers(layers, w, L, scale, base, group_of=None, F=None, reuse=Fals
     return outputs, min(gaps)
 
 
-def carried_masses(most_peaked, n, w, L, F, group_of, gaps, reuse=False):
+def carried_masses(most_peaked, n, w, L, F, group_of, gaps):
     """{newest: mass} of the "two_pass_carry" rule for each group past F, in order: its
     own most peaked mass, or the top shared chunks (as a mass of 1 each) of the most
     peaked earlier noted group whose newest query is among the chunk_size (w) tokens
-    before its first, where that one's share is larger. With reuse ("two_pass_reuse") a
-    group of one query with such an earlier group takes its chunks and is not noted."""
+    before its first, where that one's share is larger."""
     group_of = np.arange(n) if group_of is None else np.asarray(group_of)
     shared = -(-(L // w - 3) // 2)
     noted, masses = {}, {}
@@ -173,9 +172,6 @@ def carried_masses(most_peaked, n, w, L, F, group_of, gaps, reuse=False):
             continue
         earlier = [noted[p] for p in noted if first - w <= p < first]
         carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
-        if reuse and len(members) == 1 and earlier:
-            masses[newest] = carried(max(earlier, key=lambda noted: noted[0])[1])
-            continue
         mass, share = most_peaked(newest)
         noted[newest] = (share, 1 + np.argsort(-mass, kind="stable")[:shared])
         if earlier:

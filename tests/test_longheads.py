@@ -79,8 +79,7 @@ def expected_outputs(layers, config, group_of=None, scale=SCALE):
     if config.selection == "one_pass_filter":
         return reference.filter_layers(layers, w, L, scale, BASE, config.filter_layer, group_of=group_of, F=F)
     if config.runs_twice:
-        reuse = config.selection == "two_pass_reuse"
-        return reference.two_pass_layers(layers, w, L, scale, BASE, group_of=group_of, F=F, reuse=reuse)
+        return reference.two_pass_layers(layers, w, L, scale, BASE, group_of=group_of, F=F)
     per_kv_head, gaps = config.selection == "kv_head", [np.inf]
     outputs = [
         reference.longheads(q, k, v, w, L, scale, BASE, group_of=group_of, per_kv_head=per_kv_head, F=F, gaps=gaps)
@@ -188,7 +187,7 @@ def test_below_the_full_attention_length_it_is_stock_attention_past_attention_le
     np.testing.assert_allclose(out, np.array(expected[0]), atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "query_head", "kv_head"])
 @pytest.mark.parametrize(
     "prefill, steps",
     [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40), ("grouped", [20] * 6)],
@@ -206,16 +205,14 @@ def test_past_the_full_attention_length_heads_select(selection, prefill, steps):
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse"])
 @pytest.mark.parametrize("L, F", [(32, 32), (56, 56), (32, 56)])
 @pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24)])
-def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(selection, L, F, prefill, steps):
-    """Three layers, calls of one group each (as `models.TwoPassCall` cuts them): in
+def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(L, F, prefill, steps):
+    """Three layers, calls of one group each (as `models.LinkedCall` cuts them): in
     the second pass every layer's shared chunks come from the pooled attention of the
     most peaked of all layers, by the share of its top chunk, or from a more peaked
-    group's within the chunk before; with "two_pass_reuse" a group of one query with
-    such a choice takes it without its own (the numpy rule)."""
-    config = LongHeadsConfig(8, L, selection=selection, prefill=prefill, full_attention_length=F)
+    group's within the chunk before (the numpy rule)."""
+    config = LongHeadsConfig(8, L, selection="two_pass_carry", prefill=prefill, full_attention_length=F)
     layers = [random_qkv(120, seed=20 + layer) for layer in range(3)]
     expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
     assert gap > 1e-4
@@ -240,7 +237,7 @@ def test_one_pass_filter_shares_the_filter_layers_choice(L, F, filter_layer, pre
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "two_pass_reuse"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter"])
 def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
     config = LongHeadsConfig(8, 32, selection=selection)
@@ -301,12 +298,12 @@ def test_two_pass_gives_a_flat_layer_the_chunk_of_a_peaked_one_after_it(monkeypa
         assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "two_pass_reuse"])
-def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypatch, selection):
+@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter"])
+def test_a_questions_chunk_is_kept_for_the_tokens_after_it(monkeypatch, selection):
     """A prompt whose last query (a question's last token) attends to the needle's
     chunk, then a decoded token attending nearly uniformly, its pooled attention
     ranking another chunk first: every head keeps the needle's chunk at the decoded
-    token too."""
+    token too (one layer: one_pass_filter's filter layer)."""
     w, L, n, needle = 8, 32, 96, 5
     q, k, v = layer_attending_to([needle], 8, w, n, seed=30)
     q[:, n - 2] = q[:, n - 1]
@@ -316,8 +313,9 @@ def test_two_pass_carry_keeps_a_questions_chunk_for_the_tokens_after_it(monkeypa
     assert 1 + np.argmax(own) != needle and 1 + np.argmax(question) == needle
     assert question.max() / question.sum() > 2 * own.max() / own.sum()
     slots = recorded_pooled_slots(monkeypatch)
-    run_layers([(q, k, v)], LongHeadsConfig(w, L, selection=selection), [n - 1, 1])
-    last = slots[-1][0, :, -1]  # the second pass at the last token: [H, k]
+    filter_layer = 0 if selection == "one_pass_filter" else None
+    run_layers([(q, k, v)], LongHeadsConfig(w, L, selection=selection, filter_layer=filter_layer), [n - 1, 1])
+    last = slots[-1][0, :, -1]  # the last pass at the last token: [H, k]
     assert (last == needle).any(axis=-1).all()
 
 
@@ -327,21 +325,6 @@ def counted_measurements(monkeypatch):
     calls, measure = [], longheads.pooled_attention
     monkeypatch.setattr(longheads, "pooled_attention", lambda q, cache, *a: calls.append(cache) or measure(q, cache, *a))
     return calls
-
-
-def test_two_pass_reuse_runs_a_first_pass_per_prompt_chunk_and_per_chunk_of_decoded_tokens(monkeypatch):
-    """"two_pass_reuse": each chunk of a prompt past F runs its first pass, whose layers
-    measure their pooled attention over every key (the second pass replays the choice
-    and measures nothing); a decoded token does only where no choice was noted in the
-    chunk_size tokens before it, so once per chunk_size + 1 tokens."""
-    w, L, prompt, decoded = 8, 32, 64, 27
-    calls = counted_measurements(monkeypatch)
-    config = LongHeadsConfig(w, L, selection="two_pass_reuse")
-    layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(2)]
-    run_layers(layers, config, [prompt] + [1] * decoded)
-    chunks_past_f = (prompt - L) // w
-    first_passes = chunks_past_f + decoded // (w + 1)  # decoded tokens 9, 18, 27 choose
-    assert len(calls) == len(layers) * first_passes
 
 
 def test_one_pass_filter_measures_one_layer_once_per_group(monkeypatch):
@@ -425,7 +408,7 @@ def quantization_round_trip(k, v, w, bits, group):
     return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"])
+@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "query_head", "kv_head"])
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
 def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps, selection):

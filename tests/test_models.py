@@ -51,7 +51,7 @@ def test_below_attention_length_generate_step_equals_stock(arch):
 
 # Every selection on one architecture, and every architecture on the default.
 SELECTIONS_AND_ARCHITECTURES = [
-    *[("llama", s) for s in ("two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head")],
+    *[("llama", s) for s in ("two_pass_carry", "one_pass_filter", "query_head", "kv_head")],
     ("qwen2", "two_pass_carry"),
     ("qwen3", "two_pass_carry"),
 ]
@@ -61,9 +61,8 @@ SELECTIONS_AND_ARCHITECTURES = [
 @pytest.mark.parametrize("arch, selection", SELECTIONS_AND_ARCHITECTURES)
 def test_exact_prefill_logits_equal_token_by_token_decode(arch, selection, n):
     """At the shipped shape (F = 64 > L = 32, chunks of 8), on both sides of F: the
-    two-pass selections run twice per group past F ("two_pass_carry" reading the
-    choices noted in the cache by the tokens before, "two_pass_reuse" skipping the first
-    pass of a token that takes one)."""
+    selections that link layers run each group past F alone ("two_pass_carry" twice),
+    reading the choices noted in the cache by the tokens before."""
     config = LongHeadsConfig(8, 32, selection=selection, prefill="exact", full_attention_length=64)
     model = longheads_copy(tiny_model(arch), config)
     x = tokens(n, seed=n)
@@ -143,7 +142,7 @@ def test_dynamic_ntk_rope_is_refused():
         (LongHeadsConfig(8, 512), "exceeds the model's trained length 256", "use at most 256"),
         (LongHeadsConfig(24, 64), "must be a multiple of chunk_size 24", "choose a chunk_size that divides it"),
         (LongHeadsConfig(32, 96), "at least 4 are needed", "lower chunk_size or raise attention_length"),
-        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'two_pass_carry', 'one_pass_filter', 'two_pass_reuse', 'query_head', 'kv_head'"),
+        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'two_pass_carry', 'one_pass_filter', 'query_head', 'kv_head'"),
         (LongHeadsConfig(8, 64, selection="pooled"), "selection 'pooled' was removed", "use one of 'two_pass_carry'"),
         (LongHeadsConfig(8, 64, full_attention_length=32), "at least attention_length 64", "use 64 for the paper's rule"),
         (LongHeadsConfig(8, 64, full_attention_length=100), "must be a multiple of chunk_size 8", "or the trained length"),

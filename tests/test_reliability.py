@@ -178,7 +178,7 @@ def runs(draw) -> Run:
         step=draw(st.integers(1, L)),
         max_size=draw(st.one_of(st.none(), st.integers(1, 3 * L))),
         prefill=draw(st.sampled_from(["grouped", "exact"])),
-        selection=draw(st.sampled_from(["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"])),
+        selection=draw(st.sampled_from(["two_pass_carry", "one_pass_filter", "query_head", "kv_head"])),
     )
 
 
@@ -259,7 +259,7 @@ def test_buffers_grow_by_one_step_and_preallocation_keeps_nbytes_constant(w, max
     arch=st.sampled_from(list(ARCHITECTURES)),
     w=st.sampled_from([4, 8]),
     chunks=st.integers(4, 5),
-    selection=st.sampled_from(["two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head"]),
+    selection=st.sampled_from(["two_pass_carry", "one_pass_filter", "query_head", "kv_head"]),
     cuts=st.lists(st.integers(1, 30), min_size=2, max_size=5),
 )
 def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token(
@@ -295,7 +295,7 @@ def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token
 @pytest.mark.parametrize(
     "arch, selection, kv_bits",
     [
-        *[("llama", s, None) for s in ("two_pass_carry", "one_pass_filter", "two_pass_reuse", "query_head", "kv_head")],
+        *[("llama", s, None) for s in ("two_pass_carry", "one_pass_filter", "query_head", "kv_head")],
         ("qwen3", "two_pass_carry", None),
         ("qwen3", "two_pass_carry", 8),
         ("qwen3", "query_head", 8),
