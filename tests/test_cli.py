@@ -238,6 +238,18 @@ def test_kv_bits_3_is_refused_by_its_rule(loaded, capfd):
     assert_one_line_error(result, "kv_bits must be one of (4, 8)")
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--selection", "one_pass_filter", "--filter-layer", "30"], "filter_layer 30 is past the model's last layer (29)"),
+        (["--filter-layer", "3"], "filter_layer 3 applies to the one_pass_filter selection only"),
+    ],
+)
+def test_a_filter_layer_that_cannot_work_is_refused_by_its_rule(flags, message, loaded, capfd):
+    result = run_main(generate.main, *flags, "--prompt", "hi", capfd=capfd)
+    assert_one_line_error(result, message)
+
+
 def test_api_kv_bits_of_a_longheads_model_belongs_in_its_configuration():
     from mlx_longheads.models import apply_longheads
 
