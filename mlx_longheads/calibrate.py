@@ -22,6 +22,7 @@ memory and on disk (`resolve.cache_root()`), so a model is calibrated once.
 import hashlib
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import List
 
@@ -114,12 +115,16 @@ def prompt_chunks(config: LongHeadsConfig) -> int:
 def calibrate(model: nn.Module, config: LongHeadsConfig) -> Calibration:
     """Find the filter layer of a model with LongHeads attention (see the module's note)."""
     chunks = prompt_chunks(config)
-    vocab = model.args.vocab_size
-    shares = np.mean(
-        [planted_shares(model, config, tokens, chunk) for tokens, chunk in calibration_prompts(vocab, config.chunk_size, chunks)],
-        axis=0,
-    )
-    return Calibration(int(np.argmax(shares)), [round(float(s), 4) for s in shares])
+    prompts = calibration_prompts(model.args.vocab_size, config.chunk_size, chunks)
+    measured = []
+    for number, (tokens, chunk) in enumerate(prompts, 1):
+        print(f"\rCalibrating one_pass_filter's layer (once per model): prompt {number}/{len(prompts)}",
+              end="", file=sys.stderr, flush=True)
+        measured.append(planted_shares(model, config, tokens, chunk))
+    shares = np.mean(measured, axis=0)
+    layer = int(np.argmax(shares))
+    print(f"\rCalibrated one_pass_filter's layer: {layer} of {len(shares)}".ljust(72), file=sys.stderr)
+    return Calibration(layer, [round(float(s), 4) for s in shares])
 
 
 def filter_layer(model: nn.Module, config: LongHeadsConfig) -> int:

@@ -36,9 +36,10 @@ def test_the_filter_layer_is_the_best_on_average_over_the_prompts(monkeypatch):
     assert found.layer == 1 and found.shares == [0.3, 0.3667, 0.1]
 
 
-def test_applying_the_selection_calibrates_once_per_model_and_keeps_the_layer(monkeypatch, tmp_path):
-    """The first apply measures the tiny model and writes the layer to the cache folder;
-    the next apply reads it (no measurement), and the model's layers and relay use it."""
+def test_applying_the_selection_calibrates_once_per_model_and_keeps_the_layer(monkeypatch, tmp_path, capfd):
+    """The first apply measures the tiny model (saying so on stderr, which a long
+    calibration needs) and writes the layer to the cache folder; the next apply reads it
+    (no measurement), and the model's layers and relay use it."""
     monkeypatch.setenv("MLX_LONGHEADS_CACHE", str(tmp_path))
     calls = []
     measure = calibrate.calibrate
@@ -51,6 +52,8 @@ def test_applying_the_selection_calibrates_once_per_model_and_keeps_the_layer(mo
         assert all(layer.self_attn.config.filter_layer == config.filter_layer for layer in model.layers)
         layers.append(config.filter_layer)
     assert calls == [1] and layers[0] == layers[1]
+    out, err = capfd.readouterr()
+    assert out == "" and err.count(f"Calibrated one_pass_filter's layer: {layers[0]} of 2") == 1
     (stored,) = (tmp_path / "calibration").glob("*.json")
     assert json.loads(stored.read_text())["layer"] == layers[0]
 
