@@ -220,8 +220,9 @@ def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(L, F
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("L, F", [(32, 32), (56, 56), (32, 56)])
-@pytest.mark.parametrize("filter_layer", [0, 1, 2])
+# The paper's shape (F = L) and the shipped one (F > L) with the middle layer filtering; at the
+# shipped shape the first and the last layer too (no layer before it, none after it).
+@pytest.mark.parametrize("L, F, filter_layer", [(32, 32, 1), (56, 56, 1), (32, 56, 0), (32, 56, 1), (32, 56, 2)])
 @pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [4, 4] + [8] * 11 + [1] * 24), ("grouped", [120])])
 def test_one_pass_filter_shares_the_filter_layers_choice(L, F, filter_layer, prefill, steps):
     """Three layers, one pass: the filter layer's pooled attention, or a more peaked
