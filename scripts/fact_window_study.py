@@ -20,6 +20,7 @@ from mlx_lm.models.cache import make_prompt_cache
 from mlx_longheads import load
 from mlx_longheads.eval import code_version
 from mlx_longheads.tasks import make_sample
+from needle_oracle import greedy  # scripts/ is on the path when run
 
 
 def window_tokens(tokens, fact_chunk: int, w: int):
@@ -27,17 +28,6 @@ def window_tokens(tokens, fact_chunk: int, w: int):
     own = (len(tokens) - 1) // w
     chunks = sorted({0, fact_chunk, own - 1, own})
     return [t for c in chunks for t in tokens[c * w : (c + 1) * w]]
-
-
-def greedy(model, tokens, max_tokens: int):
-    """The greedy answer's tokens after `tokens` (stock attention, mlx-lm's cache)."""
-    cache = make_prompt_cache(model)
-    logits = model(mx.array([tokens]), cache=cache)
-    out = []
-    for _ in range(max_tokens):
-        out.append(logits[0, -1].argmax().item())
-        logits = model(mx.array([out[-1:]]), cache=cache)
-    return out
 
 
 def main() -> None:
@@ -56,7 +46,8 @@ def main() -> None:
         tokens = tokenizer.encode(sample.prompt)
         chunk = sample.answer_chunk(tokenizer, w)
         window = window_tokens(tokens, chunk, w)
-        answer = tokenizer.decode(greedy(model, window, sample.max_tokens))
+        cache = make_prompt_cache(model)  # stock attention: mlx-lm's cache
+        answer = tokenizer.decode(greedy(model, model(mx.array([window]), cache=cache), cache, sample.max_tokens))
         rows.append((index, sample.expected[0], chunk, len(window), answer, sample.score(answer)))
         print(rows[-1], flush=True)
     lines = [
