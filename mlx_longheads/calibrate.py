@@ -15,8 +15,8 @@ So the library finds it on the loaded model, from its shape and weights alone:
   over a few prompts with the segment at other depths, is the filter layer.
 
 Random tokens need no tokenizer and no text, so any supported model calibrates alike.
-The result depends only on the weights and the configuration; it is kept per model in
-memory and on disk (`resolve.cache_root()`), so a model is calibrated once.
+The result depends only on the weights and the configuration; it is kept per model on
+disk, in the cache folder (`resolve.cache_dir()`), so a model is calibrated once.
 """
 
 import hashlib

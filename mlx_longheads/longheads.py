@@ -321,7 +321,7 @@ class FilterRelay:
         self.layer = layer
         self.carried: Optional[Tuple[mx.array, mx.array]] = None  # (pooled [B, 1, C], share [B, 1])
         self.fresh: Optional[Tuple[mx.array, mx.array]] = None  # the filter layer's own
-        self.kept: Optional[mx.array] = None
+        self.kept: Optional[mx.array] = None  # what the filter layer and those after it follow
 
     def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
         """One group's pass through `forward` (its `tokens` queries after the caches'
@@ -344,12 +344,11 @@ class FilterRelay:
         if layer == self.layer:
             pooled = measure()
             share = peakedness(pooled)
-            self.fresh = self.kept = (pooled, share)
+            self.fresh, self.kept = (pooled, share), pooled
             if self.carried is not None:
                 carried, carried_share = self.carried
-                keep = carried_share > share
-                self.kept = (mx.where(keep[..., None], carried, pooled), mx.maximum(share, carried_share))
-        return self.kept[0]
+                self.kept = mx.where((carried_share > share)[..., None], carried, pooled)
+        return self.kept
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
