@@ -10,6 +10,9 @@ A third rule separates them: one_pass_filter whose multi-token groups run twice,
 second pass giving the layers before the filter layer the group's own choice (the
 first pass's). Its cost is not the point; where its perplexity lands is: near
 two_pass_carry's, the first difference is the gap; near one_pass_filter's, the second.
+Two more rules ask whether more filter layers close the second (the calibration's
+best two and three layers, the most peaked of them chosen, as OmniKV uses three), and
+two_pass_carry's run counts which layer was the most peaked one for each group.
 
 All three score the same tokens after the same prefix (inside F, the model's own
 attention, prefilled once), fed in the eval's 2048-token blocks.
@@ -18,8 +21,10 @@ attention, prefilled once), fed in the eval's 2048-token blocks.
 """
 
 import argparse
+import json
 import math
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 
@@ -29,7 +34,9 @@ from mlx.utils import tree_map
 
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import code_version, prefilled, token_nll
-from mlx_longheads.longheads import FilterRelay, peakedness, top_chunks
+from mlx_longheads.calibrate import fingerprint
+from mlx_longheads.longheads import CarryRelay, FilterRelay, peakedness, top_chunks
+from mlx_longheads.resolve import cache_dir
 from mlx_longheads.tasks import perplexity_text
 
 
@@ -51,21 +58,102 @@ class OwnChoiceFilterRelay(FilterRelay):
         return out
 
 
-def with_own_choice(model) -> None:
-    """Swap a one_pass_filter model's relay for `OwnChoiceFilterRelay`."""
-    old = model.relay
-    relay = OwnChoiceFilterRelay(old.shared, old.span, old.full_length, old.layer)
+class MultiFilterRelay(FilterRelay):
+    """one_pass_filter with several filter layers: from the first on, the layers follow
+    the most peaked choice of the filter layers so far (or the carried one, where more
+    peaked); the group notes the most peaked of the filter layers'."""
+
+    def __init__(self, shared, span, full_length, layers):
+        super().__init__(shared, span, full_length, min(layers))
+        self.layers = sorted(layers)
+
+    def choose(self, layer, block, measure):
+        if layer < self.layer:
+            return None if self.carried is None else self.carried[0]
+        if layer in self.layers:
+            pooled = measure()
+            share = peakedness(pooled)
+            if layer > self.layer:
+                best, best_share = self.fresh
+                own = share >= best_share
+                pooled, share = mx.where(own[..., None], pooled, best), mx.where(own, share, best_share)
+            self.fresh = (pooled, share)
+            self.kept = pooled
+            if self.carried is not None:
+                carried, carried_share = self.carried
+                self.kept = mx.where((carried_share > share)[..., None], carried, pooled)
+        return self.kept
+
+
+class CountingCarryRelay(CarryRelay):
+    """two_pass_carry, counting which layer was each group's most peaked."""
+
+    def __init__(self, shared, span):
+        super().__init__(shared, span)
+        self.counts = Counter()
+        self.winner = None
+
+    def choose(self, layer, block, measure):
+        if self.replaying:
+            return super().choose(layer, block, measure)
+        measured = []
+        pooled = super().choose(layer, block, lambda: measured.append(measure()) or measured[0])
+        share = peakedness(measured[0])
+        won = share >= self.best[block][1]
+        self.winner = mx.full(share.shape, layer) if layer == 0 else mx.where(won, layer, self.winner)
+        return pooled
+
+    def between_passes(self, cache, tokens):
+        self.counts.update(self.winner.reshape(-1).tolist())
+        super().between_passes(cache, tokens)
+
+
+def swap_relay(model, relay) -> None:
+    """Give a linked model's layers another relay."""
     for index, layer in enumerate(model.layers):
         layer.self_attn.relay = partial(relay.choose, index)
     model.relay = relay
 
 
+def with_own_choice(model) -> None:
+    old = model.relay
+    swap_relay(model, OwnChoiceFilterRelay(old.shared, old.span, old.full_length, old.layer))
+
+
+def best_layers(model, n: int):
+    """The calibration's n layers with the largest shares, from its file in the cache folder."""
+    config = model.layers[0].self_attn.config
+    shares = json.loads((cache_dir() / "calibration" / f"{fingerprint(model, config)}.json").read_text())["shares"]
+    return sorted(range(len(shares)), key=lambda i: -shares[i])[:n]
+
+
+def with_filter_layers(n: int):
+    def adapt(model) -> None:
+        old = model.relay
+        swap_relay(model, MultiFilterRelay(old.shared, old.span, old.full_length, best_layers(model, n)))
+    return adapt
+
+
+def counting(model) -> None:
+    old = model.relay
+    swap_relay(model, CountingCarryRelay(old.shared, old.span))
+
+
+FILTER = LongHeadsConfig(selection="one_pass_filter")
 RULES = {
-    "one_pass_filter": (LongHeadsConfig(selection="one_pass_filter"), None),
-    "one_pass_filter, the group's own choice before the filter layer (two passes)": (
-        LongHeadsConfig(selection="one_pass_filter"), with_own_choice),
-    "two_pass_carry": (LongHeadsConfig(selection="two_pass_carry"), None),
+    "one_pass_filter": (FILTER, None),
+    "one_pass_filter, the group's own choice before the filter layer (two passes)": (FILTER, with_own_choice),
+    "one_pass_filter, the calibration's best two layers filtering": (FILTER, with_filter_layers(2)),
+    "one_pass_filter, the calibration's best three layers filtering": (FILTER, with_filter_layers(3)),
+    "two_pass_carry": (LongHeadsConfig(selection="two_pass_carry"), counting),
 }
+
+
+def layers_of(relay) -> str:
+    """Which layers chose: the filter layers, or how often each was the most peaked."""
+    if isinstance(relay, CountingCarryRelay):
+        return "most peaked (groups): " + ", ".join(f"{layer} ({n})" for layer, n in relay.counts.most_common())
+    return ", ".join(map(str, getattr(relay, "layers", [relay.layer])))
 
 
 def main() -> None:
@@ -92,7 +180,7 @@ def main() -> None:
         nll = token_nll(model, tokens[F:], cache, lambda done, total: print(f"\r{name}: {done}/{total}", end="", flush=True))
         seconds = time.perf_counter() - tic
         halves = [nll[: len(nll) // 2], nll[len(nll) // 2 :]]
-        rows.append((name, math.exp(sum(nll) / len(nll)), *[math.exp(sum(h) / len(h)) for h in halves], sum(nll), seconds))
+        rows.append((name, math.exp(sum(nll) / len(nll)), *[math.exp(sum(h) / len(h)) for h in halves], sum(nll), seconds, layers_of(model.relay)))
         print(f"\n{rows[-1]}", flush=True)
     lines = [
         "# Where one_pass_filter's perplexity past F differs from two_pass_carry's",
@@ -103,9 +191,9 @@ def main() -> None:
         "",
         f"`python scripts/perplexity_gap_study.py --index {args.index} --tokens {args.tokens} --output {args.output}`",
         "",
-        "| rule | perplexity | first half | second half | summed loss (nats) | seconds |",
-        "|---|---|---|---|---|---|",
-        *[f"| {n} | {p:.3f} | {a:.3f} | {b:.3f} | {s:.1f} | {t:.0f} |" for n, p, a, b, s, t in rows],
+        "| rule | perplexity | first half | second half | summed loss (nats) | seconds | choosing layers |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {n} | {p:.3f} | {a:.3f} | {b:.3f} | {s:.1f} | {t:.0f} | {c} |" for n, p, a, b, s, t, c in rows],
         "",
     ]
     args.output.write_text("\n".join(lines))
