@@ -2,15 +2,15 @@
 
 one_pass_filter answered multikey 16k sample 5 with a distractor key's number where
 two_pass_carry answered right, both with the asked key's chunk in every head of every
-layer. This study prefills the prompt but its last token with one_pass_filter (as the
-eval does: 2048-token blocks, the last token a call of its own), then answers from that
-same cache under several rules for the answer's tokens (groups of one query): one_pass_filter
+layer. This study prefills the prompt but its last token with one selection
+(--prefill-selection; as the eval does: 2048-token blocks, the last token a call of its
+own), then answers from that same cache under several rules for the answer's tokens (groups of one query): one_pass_filter
 itself, with the calibration's best three layers filtering, and two_pass_carry's two
 passes. A rule that answers right from the same prefill says the loss is in what the
 answer's tokens choose; none says it is in the prompt's cache. Per step it lists the
 shared chunks the rule followed, beside the asked key's and the distractors' chunks.
 
-  python scripts/answer_rule_study.py --task multikey --length 16384 --sample 5 --output results/answer_rule_study.md
+  python scripts/answer_rule_study.py --task multikey --length 16384 --sample 5 --prefill-selection one_pass_filter --output F
 """
 
 import argparse
@@ -52,21 +52,23 @@ def main() -> None:
     parser.add_argument("--task", default="multikey")
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--sample", type=int, default=5)
+    parser.add_argument("--prefill-selection", default="one_pass_filter", choices=["one_pass_filter", "two_pass_carry"])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/answer_rule"), help="prefilled prompts, kept for reruns")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
     version = code_version()
-    config = LongHeadsConfig(selection="one_pass_filter")
-    model, tokenizer = load(longheads=config)
-    config = model.layers[0].self_attn.config
+    model, tokenizer = load(longheads=LongHeadsConfig(selection="one_pass_filter"))
+    config = model.layers[0].self_attn.config  # calibrated: the filter layer the rules below use
+    w, shared, F = config.chunk_size, config.shared_slots, config.full_attention_length
+    if args.prefill_selection == "two_pass_carry":
+        swap_relay(model, CarryRelay(shared, w))
     sample = make_sample(args.task, tokenizer, args.length, args.sample)
     prompt = tokenizer.encode(sample.prompt)
-    saved = args.cache_dir / f"{args.task}_{args.length}_{args.sample}.safetensors"
+    saved = args.cache_dir / f"{args.task}_{args.length}_{args.sample}_{args.prefill_selection}.safetensors"
     if not saved.exists():
         cache = prefilled(model, prompt[:-1], lambda done, total: print(f"prefill {done}/{total}", flush=True))
         saved.parent.mkdir(parents=True, exist_ok=True)
         save_prompt_cache(str(saved), cache, model, config)
-    w, shared, F = config.chunk_size, config.shared_slots, config.full_attention_length
     marks = {"asked": sample.expected[0]}
     marks.update({key: str(value) for key, value in sample.params.get("distractors", {}).items()})
     chunks = {name: chunk_of(tokenizer, sample.prompt, number, w) for name, number in marks.items()}
@@ -83,13 +85,14 @@ def main() -> None:
         rows.append((name, text, sample.score(text), steps))
         print(rows[-1], flush=True)
     lines = [
-        f"# Which rule for the answer's tokens answers {args.task} {args.length} sample {args.sample} from one_pass_filter's prefill",
+        f"# Which rule for the answer's tokens answers {args.task} {args.length} sample {args.sample} from {args.prefill_selection}'s prefill",
         "",
         f"Commit {version}; SmolLM2-135M-Instruct, float32, greedy, the CPU. The prompt but its last token "
-        f"prefilled once with one_pass_filter (filter layer {config.filter_layer}); each rule then feeds the last "
-        "token and decodes from a copy of that cache.",
+        f"prefilled once with {args.prefill_selection} (one_pass_filter's filter layer: {config.filter_layer}); each "
+        "rule then feeds the last token and decodes from a copy of that cache.",
         "",
-        f"`python scripts/answer_rule_study.py --task {args.task} --length {args.length} --sample {args.sample} --output {args.output}`",
+        f"`python scripts/answer_rule_study.py --task {args.task} --length {args.length} --sample {args.sample} "
+        f"--prefill-selection {args.prefill_selection} --output {args.output}`",
         "",
         "Chunks: " + ", ".join(f"{name} {number} in chunk {chunks[name]}" for name, number in marks.items()) + ".",
         "",
