@@ -7,7 +7,8 @@ retrieval prompts the most peaked layer was one of the middle-to-late ones
 (docs/evaluation.md), and GemFilter and TidalDecode found one middle layer of Llama-3-8B.
 So the library finds it on the loaded model, from its shape and weights alone:
 
-  a prompt of random tokens (inside F, so the model's own attention runs) holds a
+  a prompt of random tokens (inside the trained length, run with the model's own
+  attention whatever F is) holds a
   segment of them planted in one chunk, and ends with the segment's first tokens again; a
   model continues such a repeat by attending to the segment (induction). At the
   prompt's last token every layer's pooled attention over the candidate chunks is
@@ -23,8 +24,9 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import List
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Iterator, List
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,7 +36,7 @@ from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .longheads import pooled_attention
 
-PROMPT_CHUNKS = 12  # chunks in a calibration prompt (fewer where F holds fewer)
+PROMPT_CHUNKS = 12  # chunks in a calibration prompt (fewer where the trained length holds fewer)
 MIN_CHUNKS = 6  # the first, four candidates and the own chunk
 PROMPTS = 3
 SEED = 0
@@ -77,7 +79,7 @@ def last_queries(cache: LongHeadsCache) -> mx.array:
 
 def planted_shares(model: nn.Module, config: LongHeadsConfig, tokens: List[int], chunk: int) -> np.ndarray:
     """Per layer, the share of the pooled attention of the prompt's last token that
-    falls on `chunk` (the prompt held inside F: the model's own attention)."""
+    falls on `chunk` (the prompt held inside F, `own_attention`: the model's own attention)."""
     caches = model.make_cache()
     mx.eval(model(mx.array([tokens]), cache=caches))
     own = mx.array([(len(tokens) - 1) // config.chunk_size])
@@ -93,34 +95,50 @@ def fingerprint(model: nn.Module, config: LongHeadsConfig) -> str:
     """A key for the weights and the configuration the calibration depends on: the
     model's shape, a slice of every layer's query projection, the chunk size and the
     prompts' length."""
-    shape = (model.args.model_type, len(model.layers), config.chunk_size, prompt_chunks(config), PROMPTS, SEED)
+    shape = (model.args.model_type, len(model.layers), config.chunk_size, prompt_chunks(model, config), PROMPTS, SEED)
     digest = hashlib.sha256(repr(shape).encode())
     for layer in model.layers:
         digest.update(np.array(layer.self_attn.q_proj.weight[:2].astype(mx.float32)).tobytes())
     return digest.hexdigest()[:20]
 
 
-def prompt_chunks(config: LongHeadsConfig) -> int:
-    """Chunks in a calibration prompt: PROMPT_CHUNKS, or as many as F holds."""
-    chunks = min(PROMPT_CHUNKS, config.full_chunks)
+def prompt_chunks(model: nn.Module, config: LongHeadsConfig) -> int:
+    """Chunks in a calibration prompt: PROMPT_CHUNKS, or as many as the trained length holds."""
+    trained = model.args.max_position_embeddings // config.chunk_size
+    chunks = min(PROMPT_CHUNKS, trained)
     if chunks < MIN_CHUNKS:
         raise ConfigError(
             f"the one_pass_filter selection calibrates its filter layer on {MIN_CHUNKS} chunks or more "
-            f"inside full_attention_length, which holds {config.full_chunks}: raise full_attention_length "
-            "or set filter_layer"
+            f"inside the model's trained length, which holds {trained} of {config.chunk_size} tokens: "
+            "lower chunk_size or set filter_layer"
         )
     return chunks
 
 
+@contextmanager
+def own_attention(model: nn.Module, config: LongHeadsConfig, tokens: int) -> Iterator[None]:
+    """The model's layers with F raised to `tokens` (within the trained length) for the
+    calibration prompts: the model's own attention over them, whatever F the user chose."""
+    calibrating = replace(config, full_attention_length=max(config.full_attention_length, tokens))
+    for layer in model.layers:
+        layer.self_attn.config = calibrating
+    try:
+        yield
+    finally:
+        for layer in model.layers:
+            layer.self_attn.config = config
+
+
 def calibrate(model: nn.Module, config: LongHeadsConfig) -> Calibration:
     """Find the filter layer of a model with LongHeads attention (see the module's note)."""
-    chunks = prompt_chunks(config)
+    chunks = prompt_chunks(model, config)
     prompts = calibration_prompts(model.args.vocab_size, config.chunk_size, chunks)
     measured = []
-    for number, (tokens, chunk) in enumerate(prompts, 1):
-        print(f"\rCalibrating one_pass_filter's layer (once per model): prompt {number}/{len(prompts)}",
-              end="", file=sys.stderr, flush=True)
-        measured.append(planted_shares(model, config, tokens, chunk))
+    with own_attention(model, config, chunks * config.chunk_size):
+        for number, (tokens, chunk) in enumerate(prompts, 1):
+            print(f"\rCalibrating one_pass_filter's layer (once per model): prompt {number}/{len(prompts)}",
+                  end="", file=sys.stderr, flush=True)
+            measured.append(planted_shares(model, config, tokens, chunk))
     shares = np.mean(measured, axis=0)
     layer = int(np.argmax(shares))
     print(f"\rCalibrated one_pass_filter's layer: {layer} of {len(shares)}".ljust(72), file=sys.stderr)

@@ -179,7 +179,7 @@ def apply_longheads(
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
     model.make_cache = lambda: [make_cache(config, max_size) for _ in model.layers]
     if config.selection == "one_pass_filter" and config.filter_layer is None:
-        # Calibrated inside F, where the relay is not asked: the model's own attention.
+        # Calibrated with the model's own attention (`calibrate.own_attention`): no relay asked.
         config = replace(config, filter_layer=filter_layer(model, config))
         relay.layer = config.filter_layer
         for layer in model.layers:

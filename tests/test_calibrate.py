@@ -65,11 +65,25 @@ def test_a_given_filter_layer_is_used_without_calibrating(monkeypatch):
     assert model.relay.layer == 0
 
 
+def test_the_calibration_runs_the_models_own_attention_whatever_f_is():
+    """F = L (the paper's threshold, 4 chunks here) is shorter than a calibration prompt
+    (12 chunks): the prompts still run inside the trained length with the model's own
+    attention, so the layer and shares are those found with F at the trained length,
+    and the model keeps its F afterwards."""
+    found = []
+    for F in (32, 256):
+        model = tiny_model("llama", seed=3)
+        config = apply_longheads(model, LongHeadsConfig(8, 32, selection="one_pass_filter", full_attention_length=F, filter_layer=0))
+        found.append(calibrate.calibrate(model, config))
+        assert all(layer.self_attn.config == config for layer in model.layers)
+    assert found[0] == found[1]
+
+
 @pytest.mark.parametrize(
     "config, message",
     [
-        (LongHeadsConfig(8, 32, selection="one_pass_filter", full_attention_length=40),
-         "calibrates its filter layer on 6 chunks or more inside full_attention_length, which holds 5"),
+        (LongHeadsConfig(64, 256, selection="one_pass_filter"),
+         "calibrates its filter layer on 6 chunks or more inside the model's trained length, which holds 4 of 64"),
         (LongHeadsConfig(8, 32, selection="one_pass_filter", filter_layer=2),
          "filter_layer 2 is past the model's last layer (1)"),
         (LongHeadsConfig(8, 32, selection="query_head", filter_layer=1),
