@@ -25,6 +25,7 @@ from mlx_longheads.longheads import CarryRelay, FilterRelay, top_chunks
 from mlx_longheads.prompt_cache import load_prompt_cache, save_prompt_cache
 from mlx_longheads.tasks import make_sample
 from perplexity_gap_study import MultiFilterRelay, best_layers, swap_relay  # scripts/ is on the path
+from needle_oracle import write_report
 
 
 def followed(relay) -> mx.array:
@@ -99,10 +100,8 @@ def main() -> None:
         "| rule for the answer's tokens | answer | score | shared chunks followed, per step (the prompt's last token first) |",
         "|---|---|---|---|",
         *[f"| {n} | {t!r} | {s} | {'; '.join(map(str, st))} |" for n, t, s, st in rows],
-        "",
     ]
-    args.output.write_text("\n".join(lines))
-    print(args.output.read_text())
+    write_report(lines, args.output)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from mlx_longheads.calibrate import fingerprint
 from mlx_longheads.longheads import CarryRelay, FilterRelay, peakedness, top_chunks
 from mlx_longheads.resolve import cache_dir
 from mlx_longheads.tasks import perplexity_text
+from needle_oracle import write_report  # scripts/ is on the path when run
 
 
 class OwnChoiceFilterRelay(FilterRelay):
@@ -194,10 +195,8 @@ def main() -> None:
         "| rule | perplexity | first half | second half | summed loss (nats) | seconds | choosing layers |",
         "|---|---|---|---|---|---|---|",
         *[f"| {n} | {p:.3f} | {a:.3f} | {b:.3f} | {s:.1f} | {t:.0f} | {c} |" for n, p, a, b, s, t, c in rows],
-        "",
     ]
-    args.output.write_text("\n".join(lines))
-    print(args.output.read_text())
+    write_report(lines, args.output)
 
 
 if __name__ == "__main__":
