@@ -60,6 +60,7 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
     "longheads-filter": LongHeadsConfig(selection="one_pass_filter"),  # one pass, a calibrated filter layer
+    "longheads-prompt": LongHeadsConfig(selection="two_pass_prompt"),  # prompt chunks twice, tokens once
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
@@ -266,7 +267,7 @@ def kernel_bytes(method: str, shape: dict, config: LongHeadsConfig, context: int
     Full attention reads the whole cache once (a lower bound for a prefill block);
     LongHeads reads, per group of queries sharing a selection, its window's chunks (and,
     with a selection that links layers, every key once per group and pass, for the
-    layer's pooled attention: the layer is the filter layer of one_pass_filter).
+    layer's pooled attention: the layer is the filter layer of a filtering selection).
     """
     H, Hk, D, item = shape["heads"], shape["kv_heads"], shape["head_dim"], shape["itemsize"]
     if method == "full":
@@ -304,9 +305,9 @@ def kernel_bench(args) -> dict:
             if config is not None:
                 config = config.resolve(shape["trained_length"], D)
                 cache = make_cache(config)
-                # One layer linked to itself (the filter layer of one_pass_filter): a
+                # One layer linked to itself (the filter layer of a filtering selection): a
                 # linked selection's cost per pass.
-                linked = make_relay(replace(config, filter_layer=0) if config.selection == "one_pass_filter" else config)
+                linked = make_relay(replace(config, filter_layer=0) if config.filters else config)
                 relay = None if linked is None else partial(linked.choose, 0)
 
                 def attend(q, k, v):

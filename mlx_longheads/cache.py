@@ -49,7 +49,7 @@ class LongHeadsCache(_BaseCache):
         self.queries: Optional[mx.array] = None  # [B, H, w, D]: the incomplete chunk's
         # [B, H, u * w, D]: the last u <= UNDO_CHUNKS complete chunks' (None: u = 0)
         self.undo_queries: Optional[mx.array] = None
-        # [B, capacity, 1 + s] (selections "two_pass_carry" and "one_pass_filter", layer
+        # [B, capacity, 1 + s] (selections that link layers, layer
         # 0's cache only): per token, the choice of the group whose newest query it is,
         # as `record_choice` writes it; share -1 where no group's newest query is.
         self.choices: Optional[mx.array] = None

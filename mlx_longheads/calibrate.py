@@ -1,8 +1,8 @@
 """Which layer of a loaded model finds a passage its last tokens ask for: the filter layer.
 
-The "one_pass_filter" selection lets one layer's pooled attention (how much attention
-its heads give each chunk together, `longheads.pooled_attention`) choose the chunks the
-whole model shares. Which layer does that best is a property of the model: on SmolLM2's
+The "one_pass_filter" selection (and "two_pass_prompt" at a decoded token) lets one
+layer's pooled attention (how much attention its heads give each chunk together,
+`longheads.pooled_attention`) choose the chunks the whole model shares. Which layer does that best is a property of the model: on SmolLM2's
 retrieval prompts the most peaked layer was one of the middle-to-late ones
 (docs/evaluation.md), and GemFilter and TidalDecode found one middle layer of Llama-3-8B.
 So the library finds it on the loaded model, from its shape and weights alone:
@@ -108,7 +108,7 @@ def prompt_chunks(model: nn.Module, config: LongHeadsConfig) -> int:
     chunks = min(PROMPT_CHUNKS, trained)
     if chunks < MIN_CHUNKS:
         raise ConfigError(
-            f"the one_pass_filter selection calibrates its filter layer on {MIN_CHUNKS} chunks or more "
+            f"the {config.selection} selection calibrates its filter layer on {MIN_CHUNKS} chunks or more "
             f"inside the model's trained length, which holds {trained} of {config.chunk_size} tokens: "
             "lower chunk_size or set filter_layer"
         )
@@ -136,12 +136,12 @@ def calibrate(model: nn.Module, config: LongHeadsConfig) -> Calibration:
     measured = []
     with own_attention(model, config, chunks * config.chunk_size):
         for number, (tokens, chunk) in enumerate(prompts, 1):
-            print(f"\rCalibrating one_pass_filter's layer (once per model): prompt {number}/{len(prompts)}",
+            print(f"\rCalibrating the filter layer (once per model): prompt {number}/{len(prompts)}",
                   end="", file=sys.stderr, flush=True)
             measured.append(planted_shares(model, config, tokens, chunk))
     shares = np.mean(measured, axis=0)
     layer = int(np.argmax(shares))
-    print(f"\rCalibrated one_pass_filter's layer: {layer} of {len(shares)}".ljust(72), file=sys.stderr)
+    print(f"\rCalibrated the filter layer: {layer} of {len(shares)}".ljust(72), file=sys.stderr)
     return Calibration(layer, [round(float(s), 4) for s in shares])
 
 

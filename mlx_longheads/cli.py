@@ -34,6 +34,7 @@ def read_text(path: str) -> str:
 SELECTION_HELP = {
     "two_pass_carry": "the default, the best answers measured",
     "one_pass_filter": "one pass, one calibrated layer chooses: the paper's reads per token",
+    "two_pass_prompt": "the prompt read as two_pass_carry, tokens decoded as one_pass_filter",
     "query_head": "the paper's rule, per query head",
     "kv_head": "the paper's rule, per KV head (GQA)",
 }

@@ -3,9 +3,10 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["two_pass_carry", "one_pass_filter", "query_head", "kv_head"]
-SELECTIONS = ("two_pass_carry", "one_pass_filter", "query_head", "kv_head")
-LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter")
+Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_prompt", "query_head", "kv_head"]
+SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "query_head", "kv_head")
+LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt")
+FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt")  # a calibrated filter layer chooses
 # Selections that lost their comparison, when they left the library and what answers what
 # they did (docs/evaluation.md has their results and the commits that removed them).
 REMOVED_SELECTIONS = {
@@ -52,6 +53,9 @@ class LongHeadsConfig:
       the layers after it and, at the next group, of the layers before it
       (`longheads.FilterRelay`): what "two_pass_carry" shares, at about the paper's
       reads (one layer's keys, not every layer's, and the weights once).
+      "two_pass_prompt": a group of several queries (a prompt's chunk) as
+      "two_pass_carry", a group of one (a decoded token) as "one_pass_filter"
+      (`longheads.PromptCarryRelay`): the default's prompt, the filter's reads per token.
       "query_head": the paper's rule, each query head picks its chunks by q . rep_c;
       "kv_head": the paper's rule per KV head (the scores of a GQA group summed).
     prefill: "grouped" lets the queries of one chunk within one forward call share a
@@ -61,7 +65,8 @@ class LongHeadsConfig:
       On SmolLM2 8 bits cost 0.3% perplexity, 4 bits 19% (README, "What kv_bits costs").
     kv_group_size: elements sharing one scale and bias, along the head dim; None: 64,
       or the head dim when it is smaller.
-    filter_layer: the layer whose choice "one_pass_filter" shares; None: calibrated on
+    filter_layer: the layer whose choice "one_pass_filter" (and "two_pass_prompt" at a
+      decoded token) shares; None: calibrated on
       the loaded model when LongHeads is applied.
     """
 
@@ -80,15 +85,20 @@ class LongHeadsConfig:
         return self.attention_length // self.chunk_size
 
     @property
-    def runs_twice(self) -> bool:
-        """Whether each group of queries past F goes through the model twice (and layer
-        0's cache notes each group's choice, `CarryRelay`)."""
-        return self.selection == "two_pass_carry"
+    def token_passes(self) -> int:
+        """Passes through the model of a group of one query past F (a decoded token): two
+        with "two_pass_carry" (every layer's pooled attention measured in the first)."""
+        return 2 if self.selection == "two_pass_carry" else 1
+
+    @property
+    def filters(self) -> bool:
+        """Whether a filter layer (`filter_layer`, calibrated) chooses for a decoded token."""
+        return self.selection in FILTERING_SELECTIONS
 
     @property
     def links_layers(self) -> bool:
         """Whether a layer's selection takes a choice made in another layer (a relay,
-        `longheads.CarryRelay` or `longheads.FilterRelay`), so that each group of queries
+        `longheads.CarryRelay`, `longheads.FilterRelay` or both), so that each group of queries
         past F is a call of its own."""
         return self.selection in LINKED_SELECTIONS
 
@@ -179,10 +189,11 @@ class LongHeadsConfig:
             raise ConfigError(
                 f"selection must be one of {', '.join(map(repr, SELECTIONS))}, got {self.selection!r}"
             )
-        if self.filter_layer is not None and (self.selection != "one_pass_filter" or self.filter_layer < 0):
+        if self.filter_layer is not None and (not self.filters or self.filter_layer < 0):
             raise ConfigError(
-                f"filter_layer {self.filter_layer} applies to the one_pass_filter selection only, "
-                "as a layer index from 0: drop it or set selection='one_pass_filter'"
+                f"filter_layer {self.filter_layer} applies to the "
+                f"{' and '.join(FILTERING_SELECTIONS)} selections only, as a layer index from 0: "
+                "drop it or set selection='one_pass_filter'"
             )
         if self.prefill not in ("grouped", "exact"):
             raise ConfigError(f"prefill must be 'grouped' or 'exact', got {self.prefill!r}")

@@ -87,7 +87,7 @@ class Method:
         name = f"longheads:L={c.attention_length},w={c.chunk_size},sel={c.selection},prefill={c.prefill}"
         if c.full_attention_length != c.attention_length:  # F = L, the paper's, is unnamed
             name += f",F={c.full_attention_length}"
-        if c.filter_layer is not None:  # one_pass_filter's layer given, not calibrated
+        if c.filter_layer is not None:  # the filter layer given, not calibrated
             name += f",filter={c.filter_layer}"
         if self.score != "raw":
             name += f",score={self.score}"
@@ -165,7 +165,8 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
     the sliding window, with its main variations; ablation: one of the defaults changed
     at a time, and the paper's rule with its chunk score or forced chunks changed;
     designs: the selection rules side by side: the paper's per-head rule at its
-    threshold F = L and at F = the trained length, two_pass_carry and one_pass_filter.
+    threshold F = L and at F = the trained length, two_pass_carry, one_pass_filter and
+    two_pass_prompt.
     Lengths are fractions of the trained length, rounded to a multiple of every chunk
     size used."""
     fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
@@ -184,7 +185,7 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
         ],
         "designs": [
             "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
-            "longheads:sel=two_pass_carry", "longheads:sel=one_pass_filter",
+            "longheads:sel=two_pass_carry", "longheads:sel=one_pass_filter", "longheads:sel=two_pass_prompt",
         ],
     }
 
@@ -487,7 +488,7 @@ def question_record(
     if chunk_size is not None:
         key_chunk = sample.answer_chunk(tokenizer, chunk_size)
         config = longheads_config(model)
-        passes = 2 if config is not None and config.runs_twice else 1
+        passes = 1 if config is None else config.token_passes
         by_layer = log.share_selecting(key_chunk, len(model.layers), passes)
         if by_layer is not None:
             record.update(key_chunk=key_chunk, key_chunk_selected=round(sum(by_layer) / len(by_layer), 4),

@@ -26,7 +26,7 @@ w chunk size, G query groups (queries that share one selection), g queries per g
 
 import math
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 from mlx.utils import tree_map
@@ -349,6 +349,33 @@ class FilterRelay:
                 carried, carried_share = self.carried
                 self.kept = mx.where((carried_share > share)[..., None], carried, pooled)
         return self.kept
+
+
+class PromptCarryRelay:
+    """What the "two_pass_prompt" selection carries: a group of several queries (a
+    prompt's chunk) runs `CarryRelay`'s two passes, a group of one (a decoded token, and
+    a prompt's last token, which mlx-lm's generate feeds alone) `FilterRelay`'s one.
+
+    On the 16k prompts where "two_pass_carry" and "one_pass_filter" disagreed, the
+    answer was lost either while the prompt was read (by the filter) or in the answer's
+    tokens (by the carry); read by the first and decoded by the second, both prompts
+    were answered (results/answer_rule_multikey_5_*.md, _9_*.md). A prompt is read
+    once, while every decoded token costs what "one_pass_filter"'s does. Both note
+    their choice in layer 0's cache, so each carries the other's.
+    """
+
+    def __init__(self, carry: CarryRelay, filter: FilterRelay):
+        self.carry, self.filter = carry, filter
+        self.active: Union[CarryRelay, FilterRelay] = filter
+
+    def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
+        """One group through `forward`: twice for several queries, once for one."""
+        self.active = self.carry if tokens > 1 else self.filter
+        return self.active.run(forward, caches, tokens)
+
+    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
+        """The pooled attention `layer`'s shared slots follow, by the group's relay."""
+        return self.active.choose(layer, block, measure)
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:

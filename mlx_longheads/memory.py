@@ -29,7 +29,7 @@ def kv_element_bytes(itemsize: int, longheads: Optional[LongHeadsConfig]) -> flo
 
 def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConfig]) -> int:
     """Keys and values (plus LongHeads' representations, 1 + UNDO_CHUNKS chunks of
-    queries and, with "two_pass_carry" or "one_pass_filter", layer 0's noted choices:
+    queries and, with a selection that links layers, layer 0's noted choices:
     float32 per token)."""
     args = model.args
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .calibrate import filter_layer
-from .longheads import CarryRelay, FilterRelay, longheads_attention
+from .longheads import CarryRelay, FilterRelay, PromptCarryRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -72,12 +72,12 @@ class LongHeadsAttention(nn.Module):
 class LinkedCall:
     """The forward call of a model whose selection links its layers, mixed into its class.
 
-    A layer past F takes a choice made in another layer (the relay's, `longheads.CarryRelay`
-    or `longheads.FilterRelay`), and a group takes the one noted by the groups before it,
-    so a call is cut into one piece per group (a chunk, or a token with prefill "exact")
-    past F, each run by the relay (`run`: twice for the two-pass selections, once with
-    "one_pass_filter"): a prompt prefilled in one call is computed as when fed one group
-    per call.
+    A layer past F takes a choice made in another layer (the relay's, `longheads.CarryRelay`,
+    `longheads.FilterRelay` or `longheads.PromptCarryRelay`), and a group takes the one
+    noted by the groups before it, so a call is cut into one piece per group (a chunk, or
+    a token with prefill "exact") past F, each run by the relay (`run`: twice or once, as
+    the selection has it): a prompt prefilled in one call is computed as when fed one
+    group per call.
     """
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LongHeadsCache]] = None) -> mx.array:
@@ -140,14 +140,21 @@ def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongH
     return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
 
 
-def make_relay(config: LongHeadsConfig) -> Optional[Union[CarryRelay, FilterRelay]]:
+Relay = Union[CarryRelay, FilterRelay, PromptCarryRelay]
+
+
+def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
     """The link between a model's layers that the selection needs (None: unlinked)."""
-    if config.selection == "one_pass_filter":
-        F = config.full_chunks * config.chunk_size
-        return FilterRelay(config.shared_slots, config.chunk_size, F, config.filter_layer)
-    if config.selection == "two_pass_carry":
-        return CarryRelay(config.shared_slots, config.chunk_size)
-    return None
+    F = config.full_chunks * config.chunk_size
+    carry = CarryRelay(config.shared_slots, config.chunk_size)
+    filter = FilterRelay(config.shared_slots, config.chunk_size, F, config.filter_layer)
+    relays = {"two_pass_carry": carry, "one_pass_filter": filter, "two_pass_prompt": PromptCarryRelay(carry, filter)}
+    return relays.get(config.selection)
+
+
+def filter_relay(relay: Relay) -> FilterRelay:
+    """The part of a relay that follows a filter layer."""
+    return relay.filter if isinstance(relay, PromptCarryRelay) else relay
 
 
 def apply_longheads(
@@ -178,10 +185,10 @@ def apply_longheads(
         model.relay = relay
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().
     model.make_cache = lambda: [make_cache(config, max_size) for _ in model.layers]
-    if config.selection == "one_pass_filter" and config.filter_layer is None:
+    if config.filters and config.filter_layer is None:
         # Calibrated with the model's own attention (`calibrate.own_attention`): no relay asked.
         config = replace(config, filter_layer=filter_layer(model, config))
-        relay.layer = config.filter_layer
+        filter_relay(relay).layer = config.filter_layer
         for layer in model.layers:
             layer.self_attn.config = config
     return config

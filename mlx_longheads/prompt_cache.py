@@ -21,7 +21,7 @@ from .config import REMOVED_SELECTIONS, SELECTIONS, LongHeadsConfig
 
 # 2: the cache state carries kv_bits and kv_group_size (quantized K/V).
 # 3: and the raw queries of the last complete chunks (exact trim).
-# 4: and the choices of selections "two_pass_carry" and "one_pass_filter" (None for the others).
+# 4: and the choices of the selections that link layers (None for the others).
 FORMAT_VERSION = "4"
 REBUILD = "delete it and run the prompt again to rebuild it"
 

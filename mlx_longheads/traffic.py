@@ -80,7 +80,8 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
     chunks); past F, per pass, each selecting head's k chunks of keys and values, the
     representations of the complete chunks where a head ranks them itself, and every
     complete chunk's keys once per KV head for the pooled attention: in every layer of
-    a two-pass selection's first pass, in the filter layer alone with "one_pass_filter".
+    "two_pass_carry"'s first pass, in the filter layer alone with "one_pass_filter" and
+    "two_pass_prompt" (whose decoded tokens make one pass).
     """
     D, Hk, kv_item = shape.head_dim, shape.kv_heads, kv_element_bytes(shape.itemsize, config)
     reads = dict.fromkeys(PARTS, 0.0)
@@ -95,7 +96,7 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
         return reads
     selecting = Hk if config.selection == "kv_head" else shape.heads
     ranks_itself = not config.links_layers or k - 3 > config.shared_slots
-    passes = 2 if config.runs_twice else 1
+    passes = config.token_passes
     per_layer = dict(
         keys=selecting * k * w * D * kv_item,
         values=selecting * k * w * D * kv_item,
@@ -104,6 +105,6 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
     for part, size in per_layer.items():
         reads[part] = passes * shape.layers * size
     reads["weights"] = passes * shape.weight_bytes
-    measuring = shape.layers if config.runs_twice else int(config.links_layers)
+    measuring = shape.layers if passes == 2 else int(config.links_layers)
     reads["pooled keys"] = measuring * Hk * complete * w * D * kv_item
     return reads

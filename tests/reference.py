@@ -35,7 +35,7 @@ def longheads(
     F: the full attention length, below which a query attends to all tokens up to it
     (None: L, the paper's threshold). pooled: the first ceil((k-3)/2) retrieved chunks
     of every head are the top of mass(newest) for the group's newest query (the
-    linked selections', `two_pass_layers`, `filter_layers`); the rest each head's own
+    linked selections', `linked_layers`); the rest each head's own
     (all of them where mass(newest) is None).
     group_of[t]: queries with the same value share one selection, scored by the sum
     of their scores (None: each token selects alone). per_kv_head: the scores of the
@@ -124,81 +124,39 @@ def pooled_mass(q_newest, k, own, w, scale, base):
     return total
 
 
-def two_pass_layers(layers, w, L, scale, base, group_of=None, F=None):
-    """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under
-    "two_pass_carry", and the smallest gap between two shares compared (how far from a
-    tie).
+def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of=None, F=None):
+    """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under a selection
+    that links them, and the smallest gap between two shares compared or two scores
+    ranked (how far from a tie; `note_margin` for the rankings).
 
-    Past the full attention length F (None: L), a group's shared chunks in every layer
-    are the top of the pooled mass of the most peaked layer of all (the largest share
-    of its mass on one chunk; the later layer on a tie; the layers' inputs being those
-    of the first pass, which are these), or the top shared chunks of an earlier group's
-    where that was more peaked (`carried_masses`). The gap covers the rankings too
-    (`note_margin`)."""
-    gaps = [np.inf]
-    masses = [
-        lambda newest, q=q, k=k: pooled_mass(q[:, newest], k, newest // w, w, scale, base)
-        for q, k, _ in layers
-    ]
-
-    def most_peaked(newest):
-        totals = [m(newest) for m in masses]
-        shares = [t.max() / t.sum() for t in totals]
-        best = max(range(len(shares)), key=lambda i: (shares[i], i))
-        gaps.extend(abs(shares[best] - s) for i, s in enumerate(shares) if i != best)
-        return totals[best], shares[best]
-
-    n = layers[0][0].shape[1]
-    carried = carried_masses(most_peaked, n, w, L, F or L, group_of, gaps)
-    outputs = [
-        longheads(q, k, v, w, L, scale, base, group_of=group_of, F=F, pooled=True, mass=carried.__getitem__, gaps=gaps)
-        for q, k, v in layers
-    ]
-    return outputs, min(gaps)
-
-
-def carried_masses(most_peaked, n, w, L, F, group_of, gaps):
-    """{newest: mass} of the "two_pass_carry" rule for each group past F, in order: its
-    own most peaked mass, or the top shared chunks (as a mass of 1 each) of the most
-    peaked earlier noted group whose newest query is among the chunk_size (w) tokens
-    before its first, where that one's share is larger."""
-    group_of = np.arange(n) if group_of is None else np.asarray(group_of)
-    shared = -(-(L // w - 3) // 2)
-    noted, masses = {}, {}
-    for group in dict.fromkeys(group_of):
-        members = np.flatnonzero(group_of == group)
-        first, newest = members.min(), members.max()
-        if newest // w < F // w:
-            continue
-        earlier = [noted[p] for p in noted if first - w <= p < first]
-        carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
-        mass, share = most_peaked(newest)
-        noted[newest] = (share, 1 + np.argsort(-mass, kind="stable")[:shared])
-        if earlier:
-            best_share, chunks = max(earlier, key=lambda noted: noted[0])
-            gaps.append(abs(best_share - share))
-            if best_share > share:
-                mass = carried(chunks)
-        masses[newest] = mass
-    return masses
-
-
-def filter_layers(layers, w, L, scale, base, filter_layer, group_of=None, F=None):
-    """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under
-    "one_pass_filter", and the smallest gap between two shares compared or two scores
-    ranked.
-
-    Past F (None: L), each group in order: the layers from `filter_layer` on share the
-    top chunks of that layer's pooled mass for the group's newest query, or the chunks
-    noted by an earlier group whose newest query is among the w tokens before the
-    group's first, where that one's share (of its top chunk in its mass) is larger;
-    the layers before `filter_layer` share that earlier group's chunks (none where no
-    group noted one: each head ranks all its slots). Each group notes its own top
-    chunks and share."""
+    Past the full attention length F (None: L), each group in order, by `selection`:
+      - "two_pass_carry": every layer shares the top chunks of the pooled mass of the
+        most peaked layer of all (the largest share of its mass on one chunk; the later
+        layer on a tie; the layers' inputs being those of the first pass, which are
+        these);
+      - "one_pass_filter": the layers from `filter_layer` on share the top chunks of
+        that layer's pooled mass; the layers before it take the earlier group's chunks
+        below (none where no group noted one: each head ranks all its slots);
+      - "two_pass_prompt": a group of several queries as "two_pass_carry", a group of
+        one as "one_pass_filter";
+    in each case replaced, where it is larger, by the share and top chunks noted by an
+    earlier group whose newest query is among the w tokens before the group's first.
+    Each group notes its own top chunks and share (the mass the rule measured)."""
     gaps = [np.inf]
     group_of = np.arange(layers[0][0].shape[1]) if group_of is None else np.asarray(group_of)
-    filter_q, filter_k, _ = layers[filter_layer]
     shared = -(-(L // w - 3) // 2)
+
+    def mass_and_share(layer, newest):
+        q, k, _ = layers[layer]
+        mass = pooled_mass(q[:, newest], k, newest // w, w, scale, base)
+        return mass, mass.max() / mass.sum()
+
+    def most_peaked(newest):
+        measured = [mass_and_share(layer, newest) for layer in range(len(layers))]
+        best = max(range(len(layers)), key=lambda i: (measured[i][1], i))
+        gaps.extend(abs(measured[best][1] - share) for i, (_, share) in enumerate(measured) if i != best)
+        return measured[best]
+
     noted, before, after = {}, {}, {}
     for group in dict.fromkeys(group_of):
         members = np.flatnonzero(group_of == group)
@@ -206,16 +164,19 @@ def filter_layers(layers, w, L, scale, base, filter_layer, group_of=None, F=None
         if newest // w < (F or L) // w:
             continue
         carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
-        mass = pooled_mass(filter_q[:, newest], filter_k, newest // w, w, scale, base)
-        share = mass.max() / mass.sum()
+        two_passes = selection == "two_pass_carry" or (selection == "two_pass_prompt" and len(members) > 1)
+        mass, share = most_peaked(newest) if two_passes else mass_and_share(filter_layer, newest)
         earlier = [noted[p] for p in noted if first - w <= p < first]
-        before[newest], after[newest] = None, mass
+        before[newest] = after[newest] = mass
         if earlier:
             best_share, chunks = max(earlier, key=lambda noted: noted[0])
             gaps.append(abs(best_share - share))
-            before[newest] = carried(chunks)
+            if not two_passes:
+                before[newest] = carried(chunks)
             if best_share > share:
-                after[newest] = carried(chunks)
+                before[newest] = after[newest] = carried(chunks)
+        elif not two_passes:
+            before[newest] = None
         noted[newest] = (share, 1 + np.argsort(-mass, kind="stable")[:shared])
         note_margin(gaps, mass, shared)
     outputs = [

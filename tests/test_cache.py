@@ -10,14 +10,13 @@ from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache, trim_promp
 
 from conftest import tiny_model
 from mlx_longheads.cache import LongHeadsCache
-from mlx_longheads.config import LongHeadsConfig
+from mlx_longheads.config import LINKED_SELECTIONS, SELECTIONS, LongHeadsConfig
 from mlx_longheads.memory import cache_bytes
 from mlx_longheads.models import apply_longheads
 
 # The shipped shape, F > L: caches of 150 tokens hold chunks that heads select past F.
 CONFIG = LongHeadsConfig(chunk_size=8, attention_length=32, full_attention_length=64)
 KV8 = replace(CONFIG, kv_bits=8)
-SELECTIONS = ["two_pass_carry", "one_pass_filter", "query_head", "kv_head"]
 
 
 def longheads_model(arch="llama", max_size=None, config=CONFIG, **shape):
@@ -68,8 +67,7 @@ def test_buffers_grow_by_steps_not_per_token():
 
 @pytest.mark.parametrize("selection", SELECTIONS)
 def test_saved_prompt_cache_continues_generation_identically(tmp_path, selection):
-    """With "two_pass_carry" and "one_pass_filter" the choices noted in the cache carry
-    over too."""
+    """With the selections that link layers the choices noted in the cache carry over too."""
     model, _ = longheads_model("qwen3", config=replace(CONFIG, selection=selection))
     text = prompt(150)
     cache = model.make_cache()
@@ -132,7 +130,7 @@ def test_kv_bits_8_stores_a_quarter_of_float32_plus_scales_and_biases():
     assert kv8.nbytes - representations_and_queries == float_kv * (8 + 64 / 32) / 32
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter"])
+@pytest.mark.parametrize("selection", LINKED_SELECTIONS)
 def test_noted_choices_take_a_row_per_token_in_layer_0_and_are_counted(selection):
     """Past F, layer 0's cache notes each token's choice (a share and the shared
     chunks, float32); the other layers note nothing; the memory check counts it."""
@@ -188,7 +186,7 @@ def test_a_prompt_cache_of_a_removed_selection_is_refused_by_name(tmp_path):
     message = str(refused.value)
     assert "\n" not in message
     assert "selection 'pooled', which this version no longer has" in message
-    assert "two_pass_carry, one_pass_filter, query_head, kv_head" in message
+    assert ", ".join(SELECTIONS) in message
     assert message.endswith("delete it and run the prompt again to rebuild it")
 
 

@@ -53,7 +53,7 @@ def test_applying_the_selection_calibrates_once_per_model_and_keeps_the_layer(mo
         layers.append(config.filter_layer)
     assert calls == [1] and layers[0] == layers[1]
     out, err = capfd.readouterr()
-    assert out == "" and err.count(f"Calibrated one_pass_filter's layer: {layers[0]} of 2") == 1
+    assert out == "" and err.count(f"Calibrated the filter layer: {layers[0]} of 2") == 1
     (stored,) = (tmp_path / "calibration").glob("*.json")
     assert json.loads(stored.read_text())["layer"] == layers[0]
 
@@ -87,7 +87,7 @@ def test_the_calibration_runs_the_models_own_attention_whatever_f_is():
         (LongHeadsConfig(8, 32, selection="one_pass_filter", filter_layer=2),
          "filter_layer 2 is past the model's last layer (1)"),
         (LongHeadsConfig(8, 32, selection="query_head", filter_layer=1),
-         "filter_layer 1 applies to the one_pass_filter selection only"),
+         "filter_layer 1 applies to the one_pass_filter and two_pass_prompt selections only"),
     ],
 )
 def test_a_filter_layer_that_cannot_work_is_refused_in_one_line(config, message):

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 from mlx import nn
 
 from mlx_longheads import longheads
-from mlx_longheads.config import LongHeadsConfig
+from mlx_longheads.config import FILTERING_SELECTIONS, LINKED_SELECTIONS, SELECTIONS, LongHeadsConfig
 from mlx_longheads.longheads import (
     chunk_representations,
     longheads_attention,
@@ -76,10 +76,10 @@ def expected_outputs(layers, config, group_of=None, scale=SCALE):
     smallest margin of its choices: between two shares or two chunks' scores it
     ranked (inf where it ranked none)."""
     w, L, F = config.chunk_size, config.attention_length, config.full_attention_length
-    if config.selection == "one_pass_filter":
-        return reference.filter_layers(layers, w, L, scale, BASE, config.filter_layer, group_of=group_of, F=F)
-    if config.runs_twice:
-        return reference.two_pass_layers(layers, w, L, scale, BASE, group_of=group_of, F=F)
+    if config.links_layers:
+        return reference.linked_layers(
+            layers, w, L, scale, BASE, config.selection, config.filter_layer or 0, group_of=group_of, F=F
+        )
     per_kv_head, gaps = config.selection == "kv_head", [np.inf]
     outputs = [
         reference.longheads(q, k, v, w, L, scale, BASE, group_of=group_of, per_kv_head=per_kv_head, F=F, gaps=gaps)
@@ -187,7 +187,7 @@ def test_below_the_full_attention_length_it_is_stock_attention_past_attention_le
     np.testing.assert_allclose(out, np.array(expected[0]), atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "query_head", "kv_head"])
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize(
     "prefill, steps",
     [("exact", [120]), ("exact", [1] * 120), ("grouped", [50, 30] + [1] * 40), ("grouped", [20] * 6)],
@@ -195,9 +195,9 @@ def test_below_the_full_attention_length_it_is_stock_attention_past_attention_le
 def test_past_the_full_attention_length_heads_select(selection, prefill, steps):
     """The shipped shape, F > L (F = 48, L = 32, chunks of 8): stock attention below F
     and the selection past it, also inside one call, as the numpy rule gives it (two
-    layers where the selection links them; "one_pass_filter"'s filter layer the second)."""
+    layers where the selection links them; the filter layer the second)."""
     config = LongHeadsConfig(8, 32, selection=selection, prefill=prefill, full_attention_length=48,
-                             filter_layer=1 if selection == "one_pass_filter" else None)
+                             filter_layer=1 if selection in FILTERING_SELECTIONS else None)
     layers = [random_qkv(120, seed=9 + layer) for layer in range(2 if config.links_layers else 1)]
     expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
     assert gap > 1e-4
@@ -238,7 +238,25 @@ def test_one_pass_filter_shares_the_filter_layers_choice(L, F, filter_layer, pre
         np.testing.assert_allclose(out, want, atol=2e-5)
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter"])
+# Calls that give groups of several queries and groups of one, inside a prompt too (a call
+# starting on a chunk's last token), at the paper's shape and the shipped one.
+@pytest.mark.parametrize("L, F, filter_layer", [(32, 32, 1), (32, 56, 0), (32, 56, 2)])
+@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [47, 17, 25, 31]), ("grouped", [61, 30] + [1] * 29)])
+def test_two_pass_prompt_reads_chunks_as_two_pass_carry_and_tokens_as_one_pass_filter(L, F, filter_layer, prefill, steps):
+    """Three layers: a group of several queries (a prompt's chunk) gives every layer the
+    most peaked layer's choice, as "two_pass_carry"; a group of one (a decoded token)
+    the filter layer's, as "one_pass_filter"; each kept against the choice noted by the
+    groups in the chunk before, whichever rule noted it (the numpy rule)."""
+    config = LongHeadsConfig(8, L, selection="two_pass_prompt", prefill=prefill, full_attention_length=F,
+                             filter_layer=filter_layer)
+    layers = [random_qkv(120, seed=63 + layer) for layer in range(3)]
+    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
+    assert gap > 1e-4
+    for out, want in zip(run_layers(layers, config, steps)[0], expected):
+        np.testing.assert_allclose(out, want, atol=2e-5)
+
+
+@pytest.mark.parametrize("selection", LINKED_SELECTIONS)
 def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
     config = LongHeadsConfig(8, 32, selection=selection)
@@ -299,12 +317,12 @@ def test_two_pass_gives_a_flat_layer_the_chunk_of_a_peaked_one_after_it(monkeypa
         assert (layer_slots[0, :, -1] == needle).any(axis=-1).all()
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter"])
+@pytest.mark.parametrize("selection", LINKED_SELECTIONS)
 def test_a_questions_chunk_is_kept_for_the_tokens_after_it(monkeypatch, selection):
     """A prompt whose last query (a question's last token) attends to the needle's
     chunk, then a decoded token attending nearly uniformly, its pooled attention
     ranking another chunk first: every head keeps the needle's chunk at the decoded
-    token too (one layer: one_pass_filter's filter layer)."""
+    token too (one layer: the filter layer of the filtering selections)."""
     w, L, n, needle = 8, 32, 96, 5
     q, k, v = layer_attending_to([needle], 8, w, n, seed=30)
     q[:, n - 2] = q[:, n - 1]
@@ -314,7 +332,7 @@ def test_a_questions_chunk_is_kept_for_the_tokens_after_it(monkeypatch, selectio
     assert 1 + np.argmax(own) != needle and 1 + np.argmax(question) == needle
     assert question.max() / question.sum() > 2 * own.max() / own.sum()
     slots = recorded_pooled_slots(monkeypatch)
-    filter_layer = 0 if selection == "one_pass_filter" else None
+    filter_layer = 0 if selection in FILTERING_SELECTIONS else None
     run_layers([(q, k, v)], LongHeadsConfig(w, L, selection=selection, filter_layer=filter_layer), [n - 1, 1])
     last = slots[-1][0, :, -1]  # the last pass at the last token: [H, k]
     assert (last == needle).any(axis=-1).all()
@@ -338,6 +356,19 @@ def test_one_pass_filter_measures_one_layer_once_per_group(monkeypatch):
     _, caches = run_layers(layers, config, [prompt] + [1] * decoded)
     assert len(calls) == (prompt - L) // w + decoded
     assert all(cache is caches[1] for cache in calls)
+
+
+def test_two_pass_prompt_measures_every_layer_per_prompt_chunk_and_the_filter_layer_per_token(monkeypatch):
+    """A prompt's chunk past F: every layer's pooled attention, in the first of its two
+    passes; a decoded token: the filter layer's alone, in its one pass."""
+    w, L, prompt, decoded = 8, 32, 64, 11
+    calls = counted_measurements(monkeypatch)
+    config = LongHeadsConfig(w, L, selection="two_pass_prompt", filter_layer=1)
+    layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(3)]
+    _, caches = run_layers(layers, config, [prompt] + [1] * decoded)
+    chunks = (prompt - L) // w
+    assert [calls[i * 3 : i * 3 + 3] for i in range(chunks)] == [caches] * chunks
+    assert calls[3 * chunks :] == [caches[1]] * decoded
 
 
 @settings(max_examples=60, deadline=None)
@@ -409,7 +440,7 @@ def quantization_round_trip(k, v, w, bits, group):
     return reference.rope(round_trip(rotated), -local, BASE), round_trip(mx.array(v))
 
 
-@pytest.mark.parametrize("selection", ["two_pass_carry", "one_pass_filter", "query_head", "kv_head"])
+@pytest.mark.parametrize("selection", SELECTIONS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("prefill, steps", [("exact", [120]), ("exact", [1] * 120), ("grouped", [20] * 6)])
 def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, steps, selection):
@@ -417,7 +448,7 @@ def test_quantized_kv_is_the_rule_on_dequantized_keys_and_values(bits, prefill, 
     two-pass selections' pooled attention included), at the shipped shape F > L."""
     w, L, F, d, n = 8, 32, 48, 32, 120
     config = LongHeadsConfig(w, L, selection, prefill, kv_bits=bits, full_attention_length=F,
-                             filter_layer=0 if selection == "one_pass_filter" else None).resolve(None, d)
+                             filter_layer=0 if selection in FILTERING_SELECTIONS else None).resolve(None, d)
     assert config.kv_group_size == 32  # the head dim, under 64
     q, k, v = random_qkv(n, seed=11, d=d)
     kq, vq = quantization_round_trip(k, v, w, bits, 32)

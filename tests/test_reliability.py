@@ -28,7 +28,7 @@ from hf_files import VOCAB, write_hf_folder
 from leftovers import no_folder_left
 from mlx_longheads import prompt_cache
 from mlx_longheads.cache import MIN_GROWTH, UNDO_CHUNKS, LongHeadsCache
-from mlx_longheads.config import LongHeadsConfig
+from mlx_longheads.config import FILTERING_SELECTIONS, SELECTIONS, LongHeadsConfig
 from mlx_longheads.generation import LimitError, generate
 from mlx_longheads.gguf import convert_gguf
 from mlx_longheads.models import apply_longheads
@@ -42,9 +42,9 @@ CONFIG = LongHeadsConfig(chunk_size=8, attention_length=32)
 
 
 def filter_layer(selection: str):
-    """The filter layer one_pass_filter is given here: the tiny models' second (of two),
-    so one layer takes the carried choice; F of a few chunks leaves too few to calibrate."""
-    return 1 if selection == "one_pass_filter" else None
+    """The filter layer a filtering selection is given here: the tiny models' second (of
+    two), so one layer takes the carried choice; F of a few chunks leaves too few to calibrate."""
+    return 1 if selection in FILTERING_SELECTIONS else None
 
 
 def random_tokens(n: int, seed: int = 0, rows: int = 1) -> mx.array:
@@ -178,7 +178,7 @@ def runs(draw) -> Run:
         step=draw(st.integers(1, L)),
         max_size=draw(st.one_of(st.none(), st.integers(1, 3 * L))),
         prefill=draw(st.sampled_from(["grouped", "exact"])),
-        selection=draw(st.sampled_from(["two_pass_carry", "one_pass_filter", "query_head", "kv_head"])),
+        selection=draw(st.sampled_from(SELECTIONS)),
     )
 
 
@@ -259,7 +259,7 @@ def test_buffers_grow_by_one_step_and_preallocation_keeps_nbytes_constant(w, max
     arch=st.sampled_from(list(ARCHITECTURES)),
     w=st.sampled_from([4, 8]),
     chunks=st.integers(4, 5),
-    selection=st.sampled_from(["two_pass_carry", "one_pass_filter", "query_head", "kv_head"]),
+    selection=st.sampled_from(SELECTIONS),
     cuts=st.lists(st.integers(1, 30), min_size=2, max_size=5),
 )
 def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token(
@@ -295,7 +295,7 @@ def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token
 @pytest.mark.parametrize(
     "arch, selection, kv_bits",
     [
-        *[("llama", s, None) for s in ("two_pass_carry", "one_pass_filter", "query_head", "kv_head")],
+        *[("llama", s, None) for s in SELECTIONS],
         ("qwen3", "two_pass_carry", None),
         ("qwen3", "two_pass_carry", 8),
         ("qwen3", "query_head", 8),
