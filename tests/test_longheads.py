@@ -98,6 +98,16 @@ def groups_of_calls(steps, w, prefill):
     return call_of * 1000 + np.arange(n) // w
 
 
+def assert_layers_follow_the_rule(config, steps, seed, n_layers):
+    """n_layers random layers of 120 tokens run in calls of `steps` give the numpy rule's
+    outputs, none of its choices a near-tie for rounding to decide."""
+    layers = [random_qkv(120, seed=seed + layer) for layer in range(n_layers)]
+    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, config.chunk_size, config.prefill))
+    assert gap > 1e-4
+    for out, want in zip(run_layers(layers, config, steps)[0], expected):
+        np.testing.assert_allclose(out, want, atol=2e-5)
+
+
 def test_chunk_representations_match_the_formula():
     w, n = 8, 3
     q, k, v = random_qkv(w * n)
@@ -198,11 +208,7 @@ def test_past_the_full_attention_length_heads_select(selection, prefill, steps):
     layers where the selection links them; the filter layer the second)."""
     config = LongHeadsConfig(8, 32, selection=selection, prefill=prefill, full_attention_length=48,
                              filter_layer=1 if selection in FILTERING_SELECTIONS else None)
-    layers = [random_qkv(120, seed=9 + layer) for layer in range(2 if config.links_layers else 1)]
-    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
-    assert gap > 1e-4
-    for out, want in zip(run_layers(layers, config, steps)[0], expected):
-        np.testing.assert_allclose(out, want, atol=2e-5)
+    assert_layers_follow_the_rule(config, steps, seed=9, n_layers=2 if config.links_layers else 1)
 
 
 @pytest.mark.parametrize("L, F", [(32, 32), (56, 56), (32, 56)])
@@ -213,11 +219,7 @@ def test_two_pass_selection_follows_the_most_peaked_layer_of_the_first_pass(L, F
     most peaked of all layers, by the share of its top chunk, or from a more peaked
     group's within the chunk before (the numpy rule)."""
     config = LongHeadsConfig(8, L, selection="two_pass_carry", prefill=prefill, full_attention_length=F)
-    layers = [random_qkv(120, seed=20 + layer) for layer in range(3)]
-    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
-    assert gap > 1e-4
-    for out, want in zip(run_layers(layers, config, steps)[0], expected):
-        np.testing.assert_allclose(out, want, atol=2e-5)
+    assert_layers_follow_the_rule(config, steps, seed=20, n_layers=3)
 
 
 # The paper's shape (F = L) and the shipped one (F > L) with the middle layer filtering; at the
@@ -231,11 +233,7 @@ def test_one_pass_filter_shares_the_filter_layers_choice(L, F, filter_layer, pre
     none was noted, at the first group past F), as the numpy rule gives it."""
     config = LongHeadsConfig(8, L, selection="one_pass_filter", prefill=prefill, full_attention_length=F,
                              filter_layer=filter_layer)
-    layers = [random_qkv(120, seed=40 + layer) for layer in range(3)]
-    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
-    assert gap > 1e-4
-    for out, want in zip(run_layers(layers, config, steps)[0], expected):
-        np.testing.assert_allclose(out, want, atol=2e-5)
+    assert_layers_follow_the_rule(config, steps, seed=40, n_layers=3)
 
 
 # Calls that give groups of several queries and groups of one, inside a prompt too (a call
@@ -249,11 +247,7 @@ def test_two_pass_prompt_reads_chunks_as_two_pass_carry_and_tokens_as_one_pass_f
     groups in the chunk before, whichever rule noted it (the numpy rule)."""
     config = LongHeadsConfig(8, L, selection="two_pass_prompt", prefill=prefill, full_attention_length=F,
                              filter_layer=filter_layer)
-    layers = [random_qkv(120, seed=63 + layer) for layer in range(3)]
-    expected, gap = expected_outputs(layers, config, groups_of_calls(steps, 8, prefill))
-    assert gap > 1e-4
-    for out, want in zip(run_layers(layers, config, steps)[0], expected):
-        np.testing.assert_allclose(out, want, atol=2e-5)
+    assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
 
 
 @pytest.mark.parametrize("selection", LINKED_SELECTIONS)
