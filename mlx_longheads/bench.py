@@ -451,7 +451,8 @@ def markdown(report: dict, command: str) -> str:
         f"(median of {report['prefill_repeats']}).",
         f"LongHeads: {report['longheads']}; `longheads-head` selects per query head (the paper's rule), "
         "`longheads-kv` per KV head; "
-        "`longheads-q8` stores keys and values in 8 bits (kv_bits=8).",
+        "`longheads-q8` stores keys and values in 8 bits (kv_bits=8); `longheads-filter` is one_pass_filter, "
+        "`longheads-prompt` two_pass_prompt (a prefill block's chunks in two passes, a decoded token in one).",
     ]
     if report["kind"] == "kernel":
         lines.append(

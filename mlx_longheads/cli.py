@@ -67,7 +67,7 @@ def add_longheads_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
     parser.add_argument("--full-attention-length", type=int, default=None, help="prompts up to this many tokens get stock attention (default: the trained length; the paper's rule: --attention-length)")
-    parser.add_argument("--filter-layer", type=int, default=None, help="the layer whose choice one_pass_filter shares (default: calibrated on the model, once)")
+    parser.add_argument("--filter-layer", type=int, default=None, help="the layer whose choice one_pass_filter (and two_pass_prompt at a decoded token) shares (default: calibrated on the model, once)")
 
 
 def longheads_arguments(args: argparse.Namespace) -> Optional[LongHeadsConfig]:
