@@ -19,6 +19,8 @@ from mlx_longheads.eval_report import NO_COMMIT, NO_COMMIT_NOTE, SELECTION_NOTES
 from mlx_longheads.models import apply_longheads
 from mlx_longheads.tasks import ANIMALS, QA_TASKS, make_sample, perplexity_text
 
+DEFAULT = LongHeadsConfig.selection  # what a method name that leaves the selection out runs
+
 
 @pytest.fixture(scope="module")
 def tokenizer(embedded):
@@ -80,7 +82,7 @@ def test_samples_are_deterministic(tokenizer):
 def test_method_names_are_canonical():
     flags, trained = LongHeadsConfig(), 8192
     names = [m.name for m in evaluation.parse_methods("longheads:L=2048,w=128,full,window", flags, trained)]
-    assert names == ["longheads:L=2048,w=128,sel=two_pass_carry,prefill=grouped,F=8192", "full", "window:L=2048"]
+    assert names == [f"longheads:L=2048,w=128,sel={DEFAULT},prefill=grouped,F=8192", "full", "window:L=2048"]
     same = evaluation.parse_methods("longheads,longheads:L=2048,w=256,F=8192", flags, trained)
     assert len(same) == 1
     # F = L, the paper's threshold, keeps the name the results had before F existed.
@@ -88,7 +90,7 @@ def test_method_names_are_canonical():
     assert [m.name for m in paper] == ["longheads:L=2048,w=256,sel=query_head,prefill=grouped"]
     ablation = [m.name for m in evaluation.parse_methods("ablation", flags, trained)]
     for length in (2048, 4096, 6144):  # a quarter, half and three quarters of the trained length
-        assert f"longheads:L={length},w=256,sel=two_pass_carry,prefill=grouped,F=8192" in ablation
+        assert f"longheads:L={length},w=256,sel={DEFAULT},prefill=grouped,F=8192" in ablation
     assert "longheads:L=2048,w=256,sel=query_head,prefill=grouped,F=8192,forced=prev" in ablation
     designs = [m.name for m in evaluation.parse_methods("designs", flags, trained)]
     assert designs == [
@@ -111,7 +113,7 @@ def test_method_names_are_canonical():
 def test_quantized_kv_methods_are_named_apart_from_float():
     flags, trained = LongHeadsConfig(), 8192
     methods = evaluation.parse_methods("longheads,longheads:kv=8,longheads:kv=4,longheads:kv=4,kvg=32", flags, trained, 64)
-    float_name = "longheads:L=2048,w=256,sel=two_pass_carry,prefill=grouped,F=8192"
+    float_name = f"longheads:L=2048,w=256,sel={DEFAULT},prefill=grouped,F=8192"
     assert [m.name for m in methods] == [float_name, float_name + ",kv=8", float_name + ",kv=4", float_name + ",kv=4,kvg=32"]
     assert [(m.config.kv_bits, m.config.kv_group_size) for m in methods] == [(None, None), (8, 64), (4, 64), (4, 32)]
     # The default group spelled out is the same method; so are the files.
@@ -204,7 +206,7 @@ def test_quantized_kv_runs_write_their_own_results(tmp_path, fake_model, monkeyp
     evaluation.main(["passkey", "--lengths", "1k", "--samples", "1", "--methods", "longheads,longheads:kv=4,kvg=32",
                      "--output", str(tmp_path)])
     assert [(c.kv_bits, c.kv_group_size) for c in loaded if c is not None] == [(None, None), (4, 32)]
-    name = "longheads:L=2048,w=256,sel=two_pass_carry,prefill=grouped,F=8192"
+    name = f"longheads:L=2048,w=256,sel={DEFAULT},prefill=grouped,F=8192"
     for method in (name, name + ",kv=4,kvg=32"):
         assert json.loads(results_path(tmp_path, "passkey", method).read_text())["method"] == method
 
@@ -264,7 +266,7 @@ def test_the_report_is_drawn_from_the_results(tmp_path):
 def test_the_report_sets_removed_selections_apart_and_marks_records_without_commit(tmp_path):
     base = dict(task="passkey", model="default", seed=0, trained_length=8192, length=16384, index=0,
                 score=1.0, tokens=16384, prefill_s=1.0, total_s=2.0)
-    kept = "longheads:L=2048,w=256,sel=two_pass_carry,prefill=grouped,F=8192"
+    kept = f"longheads:L=2048,w=256,sel={DEFAULT},prefill=grouped,F=8192"
     gone = "longheads:L=2048,w=256,sel=pooled,prefill=grouped,F=8192"  # records of a removed selection
     for method, commit in ((kept, dict(commit="abc1234")), (gone, {})):
         path = results_path(tmp_path, "passkey", method)
@@ -276,7 +278,7 @@ def test_the_report_sets_removed_selections_apart_and_marks_records_without_comm
     assert f"| `{kept}` | 1.00 (1) |" in library and gone not in library
     assert f"| `{gone}` {NO_COMMIT} | 1.00 (1) |" in removed and kept not in removed
     assert NO_COMMIT_NOTE in notes
-    assert "- `sel=pooled` (removed from the library): " in notes and "- `sel=two_pass_carry` (the default): " in notes
+    assert "- `sel=pooled` (removed from the library): " in notes and f"- `sel={DEFAULT}` (the default): " in notes
     assert all(selection in SELECTION_NOTES for selection in SELECTIONS)
 
 
@@ -308,7 +310,7 @@ def test_the_command_line_runs_every_method_on_the_embedded_model(tmp_path):
     assert "[3/3]" in result.stderr
     report = (tmp_path / "report.md").read_text()
     nll = {}
-    for method in ("full", "window:L=64", "longheads:L=64,w=16,sel=two_pass_carry,prefill=grouped"):
+    for method in ("full", "window:L=64", f"longheads:L=64,w=16,sel={DEFAULT},prefill=grouped"):
         assert f"| `{method}` |" in report
         record = json.loads(results_path(tmp_path, "perplexity", method).read_text())
         assert record["tokens"] == 160 and record["buckets"][0][3] == 159 and record["commit"]

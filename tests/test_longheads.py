@@ -1,5 +1,6 @@
 """The attention rule against a naive numpy implementation of the design note."""
 
+from dataclasses import replace
 from functools import partial
 
 import mlx.core as mx
@@ -165,11 +166,12 @@ def test_products_on_copied_out_chunks_are_the_same_attention(monkeypatch, selec
     np.testing.assert_allclose(out, expected, atol=2e-5)
 
 
-def test_grouped_and_exact_agree_where_groups_have_one_query():
-    config = LongHeadsConfig(8, 32)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_grouped_and_exact_agree_where_groups_have_one_query(selection):
+    config = LongHeadsConfig(8, 32, selection, filter_layer=0 if selection in FILTERING_SELECTIONS else None)
     q, k, v = random_qkv(70, seed=5)
     grouped, _ = run(q, k, v, config, [1] * 70)
-    exact, _ = run(q, k, v, LongHeadsConfig(8, 32, prefill="exact"), [70])
+    exact, _ = run(q, k, v, replace(config, prefill="exact"), [70])
     np.testing.assert_allclose(grouped, exact, atol=2e-5)
 
 

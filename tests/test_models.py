@@ -73,10 +73,10 @@ def test_exact_prefill_logits_equal_token_by_token_decode(arch, selection, n):
 
 
 def test_two_pass_prefill_in_one_call_equals_one_chunk_per_call(monkeypatch):
-    """Grouped prefill under the default, one call of 300 tokens: stock attention up to
-    F, then each chunk past F is its own group, run twice (the cache rolled back in
+    """Grouped prefill under "two_pass_carry", one call of 300 tokens: stock attention up
+    to F, then each chunk past F is its own group, run twice (the cache rolled back in
     between), so the call gives the logits of feeding one chunk per call."""
-    config = LongHeadsConfig(8, 32, full_attention_length=64)
+    config = LongHeadsConfig(8, 32, selection="two_pass_carry", full_attention_length=64)
     model = longheads_copy(tiny_model("llama"), config)
     x = tokens(300, seed=3)
     relay, groups = model.relay, []
