@@ -54,13 +54,13 @@ from .traffic import PARTS, decode_reads, shape_of
 from . import traffic
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
-    "longheads": LongHeadsConfig(),  # the default: two_pass_carry, each group twice past F
+    "longheads": LongHeadsConfig(),  # the default: two_pass_prompt, a prompt chunk twice, a token once
     "longheads-head": LongHeadsConfig(selection="query_head"),  # each query head selects
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
     "longheads-filter": LongHeadsConfig(selection="one_pass_filter"),  # one pass, a calibrated filter layer
-    "longheads-prompt": LongHeadsConfig(selection="two_pass_prompt"),  # prompt chunks twice, tokens once
+    "longheads-carry": LongHeadsConfig(selection="two_pass_carry"),  # each group twice past F, a token too
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
@@ -452,7 +452,7 @@ def markdown(report: dict, command: str) -> str:
         f"LongHeads: {report['longheads']}; `longheads-head` selects per query head (the paper's rule), "
         "`longheads-kv` per KV head; "
         "`longheads-q8` stores keys and values in 8 bits (kv_bits=8); `longheads-filter` is one_pass_filter, "
-        "`longheads-prompt` two_pass_prompt (a prefill block's chunks in two passes, a decoded token in one).",
+        "`longheads-carry` two_pass_carry (a decoded token in two passes too).",
     ]
     if report["kind"] == "kernel":
         lines.append(

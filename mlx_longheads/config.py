@@ -40,22 +40,21 @@ class LongHeadsConfig:
       attends to all of them (stock attention); past it, each head selects. At least
       attention_length (which is the paper's threshold), at most the trained length.
       None: the trained length, so inside it LongHeads answers what the model does.
-    selection: "two_pass_carry" (the default) runs each group of queries past F through
-      the model twice: the first pass measures every layer's pooled attention (how much
+    selection: "two_pass_prompt" (the default): a group of several queries past F (a
+      prompt's chunk) as "two_pass_carry", a group of one (a decoded token) as
+      "one_pass_filter" (`longheads.PromptCarryRelay`): "two_pass_carry"'s answers on
+      every prompt measured, at "one_pass_filter"'s reads per decoded token (README).
+      "two_pass_carry" runs each group of queries past F through the model twice: the first pass measures every layer's pooled attention (how much
       of it the layer's heads give each chunk together), and in the second every layer's
       shared slots hold the chunks of the most peaked layer, or those of an earlier
       group's within the chunk_size tokens before it where that was more peaked
       (`longheads.CarryRelay`): a question's choice carries into the answer's tokens.
-      The best measured on natural-text retrieval past the trained length (README).
       "one_pass_filter": one pass; one layer, found on the loaded model by a
       calibration (`calibrate`), measures its pooled attention, and its choice (kept
       against the recent ones as "two_pass_carry" keeps them) fills the shared slots of
       the layers after it and, at the next group, of the layers before it
       (`longheads.FilterRelay`): what "two_pass_carry" shares, at about the paper's
       reads (one layer's keys, not every layer's, and the weights once).
-      "two_pass_prompt": a group of several queries (a prompt's chunk) as
-      "two_pass_carry", a group of one (a decoded token) as "one_pass_filter"
-      (`longheads.PromptCarryRelay`): the default's prompt, the filter's reads per token.
       "query_head": the paper's rule, each query head picks its chunks by q . rep_c;
       "kv_head": the paper's rule per KV head (the scores of a GQA group summed).
     prefill: "grouped" lets the queries of one chunk within one forward call share a
@@ -72,7 +71,7 @@ class LongHeadsConfig:
 
     chunk_size: Optional[int] = None
     attention_length: Optional[int] = None
-    selection: Selection = "two_pass_carry"
+    selection: Selection = "two_pass_prompt"
     prefill: Prefill = "grouped"
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None
