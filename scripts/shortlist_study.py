@@ -7,7 +7,7 @@ A shortlist would bound it: rank the candidates by a cheap per-chunk score, the 
 softmax of q . rep summed over the heads (a product with one representation per chunk),
 and take the pooled attention over the keys of the top M chunks only (M w keys).
 
-Prefills the eval's prompt, but its last token, with the default selection (two_pass_carry),
+Prefills the eval's prompt, but its last token, with two_pass_carry (the default when this study ran),
 then feeds the last token and records each layer's first-pass query and pooled attention.
 Per layer, the rank (1 = best) of the answer's chunk among the candidates 1..own-2 under
 the pooled attention over all keys (today's), the cheap score, and the pooled attention
