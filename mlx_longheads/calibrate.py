@@ -2,9 +2,10 @@
 
 The "one_pass_filter" selection (and "two_pass_prompt" at a decoded token) lets one
 layer's pooled attention (how much attention its heads give each chunk together,
-`longheads.pooled_attention`) choose the chunks the whole model shares. Which layer does that best is a property of the model: on SmolLM2's
-retrieval prompts the most peaked layer was one of the middle-to-late ones
-(docs/evaluation.md), and GemFilter and TidalDecode found one middle layer of Llama-3-8B.
+`longheads.pooled_attention`) choose the chunks the whole model shares. Which layer does
+that best is a property of the model: on SmolLM2's retrieval prompts the most peaked layer
+was one of the middle-to-late ones (docs/evaluation.md), and GemFilter and TidalDecode
+found one middle layer of Llama-3-8B.
 So the library finds it on the loaded model, from its shape and weights alone:
 
   a prompt of random tokens (inside the trained length, run with the model's own

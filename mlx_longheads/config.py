@@ -44,8 +44,9 @@ class LongHeadsConfig:
       prompt's chunk) as "two_pass_carry", a group of one (a decoded token) as
       "one_pass_filter" (`longheads.PromptCarryRelay`): "two_pass_carry"'s answers on
       every prompt measured, at "one_pass_filter"'s reads per decoded token (README).
-      "two_pass_carry" runs each group of queries past F through the model twice: the first pass measures every layer's pooled attention (how much
-      of it the layer's heads give each chunk together), and in the second every layer's
+      "two_pass_carry" runs each group of queries past F through the model twice: the
+      first pass measures every layer's pooled attention (how much of it the layer's
+      heads give each chunk together), and in the second every layer's
       shared slots hold the chunks of the most peaked layer, or those of an earlier
       group's within the chunk_size tokens before it where that was more peaked
       (`longheads.CarryRelay`): a question's choice carries into the answer's tokens.
@@ -65,8 +66,7 @@ class LongHeadsConfig:
     kv_group_size: elements sharing one scale and bias, along the head dim; None: 64,
       or the head dim when it is smaller.
     filter_layer: the layer whose choice "one_pass_filter" (and "two_pass_prompt" at a
-      decoded token) shares; None: calibrated on
-      the loaded model when LongHeads is applied.
+      decoded token) shares; None: calibrated on the loaded model when LongHeads is applied.
     """
 
     chunk_size: Optional[int] = None

@@ -52,8 +52,8 @@ def test_below_attention_length_generate_step_equals_stock(arch):
 # Every selection on one architecture, and every architecture on the default.
 SELECTIONS_AND_ARCHITECTURES = [
     *[("llama", s) for s in SELECTIONS],
-    ("qwen2", "two_pass_carry"),
-    ("qwen3", "two_pass_carry"),
+    ("qwen2", LongHeadsConfig.selection),
+    ("qwen3", LongHeadsConfig.selection),
 ]
 
 
