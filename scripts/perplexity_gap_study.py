@@ -12,12 +12,16 @@ first pass's). Its cost is not the point; where its perplexity lands is: near
 two_pass_carry's, the first difference is the gap; near one_pass_filter's, the second.
 Two more rules ask whether more filter layers close the second (the calibration's
 best two and three layers, the most peaked of them chosen, as OmniKV uses three), and
-two_pass_carry's run counts which layer was the most peaked one for each group.
+two_pass_carry's run counts which layer was the most peaked one for each group. The last
+rule is one_pass_prompt's (a prompt's chunk in one pass, each layer following the most
+peaked of the layers up to it and the recent choice): how much of two_pass_carry's
+lead needs its second pass.
 
 All three score the same tokens after the same prefix (inside F, the model's own
 attention, prefilled once), fed in the eval's 2048-token blocks.
 
   python scripts/perplexity_gap_study.py --index 0 --tokens 4096 --output results/perplexity_gap_study.md
+  (--rule NAME, repeated: only those rules)
 """
 
 import argparse
@@ -35,7 +39,7 @@ from mlx.utils import tree_map
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import code_version, prefilled, token_nll
 from mlx_longheads.calibrate import fingerprint
-from mlx_longheads.longheads import CarryRelay, FilterRelay, peakedness, top_chunks
+from mlx_longheads.longheads import CarryRelay, FilterRelay, PromptRelay, peakedness, top_chunks
 from mlx_longheads.resolve import cache_dir
 from mlx_longheads.tasks import perplexity_text
 from needle_oracle import write_report  # scripts/ is on the path when run
@@ -147,11 +151,14 @@ RULES = {
     "one_pass_filter, the calibration's best two layers filtering": (FILTER, with_filter_layers(2)),
     "one_pass_filter, the calibration's best three layers filtering": (FILTER, with_filter_layers(3)),
     "two_pass_carry": (LongHeadsConfig(selection="two_pass_carry"), counting),
+    "one_pass_prompt": (LongHeadsConfig(selection="one_pass_prompt"), None),
 }
 
 
 def layers_of(relay) -> str:
     """Which layers chose: the filter layers, or how often each was the most peaked."""
+    if isinstance(relay, PromptRelay):
+        return "most peaked so far (prompt chunks)"
     if isinstance(relay, CountingCarryRelay):
         return "most peaked (groups): " + ", ".join(f"{layer} ({n})" for layer, n in relay.counts.most_common())
     return ", ".join(map(str, getattr(relay, "layers", [relay.layer])))
@@ -162,10 +169,12 @@ def main() -> None:
     parser.add_argument("--index", type=int, default=0, help="the eval's perplexity text")
     parser.add_argument("--tokens", type=int, default=4096, help="positions scored after F")
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--rule", action="append", choices=RULES, help="run this rule (repeat; default: all)")
     args = parser.parse_args()
+    rules = {name: RULES[name] for name in args.rule or RULES}
     version = code_version()
     rows, prefix = [], None
-    for name, (config, adapt) in RULES.items():
+    for name, (config, adapt) in rules.items():
         model, tokenizer = load(None, longheads=config)
         if adapt:
             adapt(model)
@@ -190,7 +199,8 @@ def main() -> None:
         f"{args.index}, positions {F + 1} to {F + args.tokens} (after a {F}-token prefix, F), in the "
         "eval's 2048-token blocks.",
         "",
-        f"`python scripts/perplexity_gap_study.py --index {args.index} --tokens {args.tokens} --output {args.output}`",
+        f"`python scripts/perplexity_gap_study.py --index {args.index} --tokens {args.tokens} --output {args.output}"
+        + "".join(f" --rule '{name}'" for name in args.rule or []) + "`",
         "",
         "| rule | perplexity | first half | second half | summed loss (nats) | seconds | choosing layers |",
         "|---|---|---|---|---|---|---|",
