@@ -45,9 +45,10 @@ class LongHeadsConfig:
       prompt's chunk) as "two_pass_carry", a group of one (a decoded token) as
       "one_pass_filter" (`longheads.PromptRelay`): "two_pass_carry"'s answers on
       every prompt measured, at "one_pass_filter"'s reads per decoded token (README).
-      "one_pass_prompt": as "two_pass_prompt", but a prompt's chunk in one pass, each
-      layer following the most peaked of the layers up to it and the recent choice
-      (`longheads.PeakedRelay`): one pass's prefill.
+      "one_pass_prompt": as "two_pass_prompt", but a prompt's chunk in one pass as
+      "one_pass_filter" reads it, the layers after the filter layer choosing too: each
+      follows the most peaked of the layers since the filter layer
+      (`longheads.FilterOnwardRelay`): one pass's prefill.
       "two_pass_carry" runs each group of queries past F through the model twice: the
       first pass measures every layer's pooled attention (how much of it the layer's
       heads give each chunk together), and in the second every layer's

@@ -292,42 +292,6 @@ def recent_choice(cache: LongHeadsCache, span: int, n_chunks: int) -> Tuple[mx.a
     return chunk_mask(chunks, n_chunks).astype(mx.float32), share
 
 
-class PeakedRelay(CarryRelay):
-    """What a prompt's chunk carries under "one_pass_prompt": `CarryRelay`'s choice, the
-    most peaked layer's, in one pass.
-
-    "two_pass_carry" runs a chunk twice so that the layers before the most peaked one
-    follow the chunk's own choice too; that second pass halves the prefill past F. Here
-    each layer's pooled attention is measured, and each layer follows the most peaked
-    of the choice noted in the `span` tokens before the group and the group's layers up
-    to it (`CarryRelay.choose`); the group's most peaked choice is noted in layer 0's
-    cache after the pass. The pass reads every layer's keys once for one query per head,
-    shared by the chunk's queries: a small part of the pass.
-    """
-
-    def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
-        """One group's pass through `forward`, the recent choice carried in and the
-        group's own noted after."""
-        cache = caches[0]
-        self.replaying, self.carried = False, None
-        if cache.choices is not None:
-            carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
-            self.carried = (carried[:, None], share[:, None])
-        out = forward()
-        ((pooled, share),) = self.best.values()  # one group per piece past F
-        cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
-        return out
-
-    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> mx.array:
-        """The pooled attention [B, 1, C] `layer`'s shared slots follow: the most peaked
-        of the group's layers up to this one (measured by `measure`) and the carried."""
-        pooled = super().choose(layer, block, measure)
-        if self.carried is None:
-            return pooled
-        carried, carried_share = self.carried
-        return mx.where((carried_share > self.best[block][1])[..., None], carried, pooled)
-
-
 class FilterRelay:
     """What the "one_pass_filter" selection carries: one layer's choice, to the layers
     after it in the same pass and to the layers before it at the next group.
@@ -387,10 +351,43 @@ class FilterRelay:
         return self.kept
 
 
+class FilterOnwardRelay(FilterRelay):
+    """What a prompt's chunk carries under "one_pass_prompt": `FilterRelay`'s choice,
+    with the layers after the filter layer choosing too.
+
+    "two_pass_carry" reads a chunk twice to give every layer the most peaked layer's
+    choice; that layer was the filter layer or one after it in 12 of 16 chunks
+    (results/perplexity_gap_study.md), and its second pass halves the prefill past F.
+    Following the most peaked of every layer up to each one in one pass instead let
+    early layers' choices spread and cost 6.6% perplexity past F (docs/evaluation.md).
+    So one pass: the layers before the filter layer take the recent choice, as with
+    `FilterRelay`; from the filter layer on each layer measures its pooled attention
+    and follows the most peaked of the layers since the filter layer, or the recent
+    choice where that is more peaked; the most peaked is noted for the groups after.
+    """
+
+    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
+        """The pooled attention [B, 1, C] that `layer`'s shared slots follow (None: none,
+        each head ranks all its slots), measured (`measure`) from the filter layer on."""
+        if layer < self.layer:
+            return None if self.carried is None else self.carried[0]
+        pooled = measure()
+        share = peakedness(pooled)
+        if layer > self.layer:
+            best, best_share = self.fresh
+            own = share >= best_share
+            pooled, share = mx.where(own[..., None], pooled, best), mx.where(own, share, best_share)
+        self.fresh, self.kept = (pooled, share), pooled
+        if self.carried is not None:
+            carried, carried_share = self.carried
+            self.kept = mx.where((carried_share > share)[..., None], carried, pooled)
+        return self.kept
+
+
 class PromptRelay:
     """What the "two_pass_prompt" and "one_pass_prompt" selections carry: a group of
     several queries (a prompt's chunk) runs the `prompt` relay (`CarryRelay`'s two
-    passes, or `PeakedRelay`'s one), a group of one (a decoded token, and a prompt's
+    passes, or `FilterOnwardRelay`'s one), a group of one (a decoded token, and a prompt's
     last token, which mlx-lm's generate feeds alone) `FilterRelay`'s one pass.
 
     On the 16k prompts where "two_pass_carry" and "one_pass_filter" disagreed, the
@@ -401,7 +398,7 @@ class PromptRelay:
     their choice in layer 0's cache, so each carries the other's.
     """
 
-    def __init__(self, prompt: CarryRelay, filter: FilterRelay):
+    def __init__(self, prompt: Union[CarryRelay, FilterRelay], filter: FilterRelay):
         self.prompt, self.filter = prompt, filter
         self.active: Union[CarryRelay, FilterRelay] = filter
 

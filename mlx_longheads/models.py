@@ -15,7 +15,7 @@ import mlx.nn as nn
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .calibrate import filter_layer
-from .longheads import CarryRelay, FilterRelay, PeakedRelay, PromptRelay, longheads_attention
+from .longheads import CarryRelay, FilterOnwardRelay, FilterRelay, PromptRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -152,14 +152,15 @@ def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
         "two_pass_carry": carry,
         "one_pass_filter": filter,
         "two_pass_prompt": PromptRelay(carry, filter),
-        "one_pass_prompt": PromptRelay(PeakedRelay(config.shared_slots, config.chunk_size), filter),
+        "one_pass_prompt": PromptRelay(FilterOnwardRelay(config.shared_slots, config.chunk_size, F, config.filter_layer), filter),
     }
     return relays.get(config.selection)
 
 
-def filter_relay(relay: Relay) -> FilterRelay:
-    """The part of a relay that follows a filter layer."""
-    return relay.filter if isinstance(relay, PromptRelay) else relay
+def filter_relays(relay: Relay) -> List[FilterRelay]:
+    """The parts of a relay that follow a filter layer."""
+    parts = [relay.prompt, relay.filter] if isinstance(relay, PromptRelay) else [relay]
+    return [part for part in parts if isinstance(part, FilterRelay)]
 
 
 def apply_longheads(
@@ -193,7 +194,8 @@ def apply_longheads(
     if config.filters and config.filter_layer is None:
         # Calibrated with the model's own attention (`calibrate.own_attention`): no relay asked.
         config = replace(config, filter_layer=filter_layer(model, config))
-        filter_relay(relay).layer = config.filter_layer
+        for part in filter_relays(relay):
+            part.layer = config.filter_layer
         for layer in model.layers:
             layer.self_attn.config = config
     return config

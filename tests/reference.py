@@ -134,13 +134,13 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
       - "two_pass_carry": every layer the mass of the most peaked layer of all (the
         largest share of its mass on one chunk; the later layer on a tie; the layers'
         inputs being those of the first pass, which are these);
-      - "one_pass_peaked": each layer the mass of the most peaked of it and the layers
-        before it;
+      - "one_pass_onward": as "one_pass_filter", but each layer from `filter_layer` on
+        the mass of the most peaked of the layers from `filter_layer` up to it;
       - "one_pass_filter": the layers from `filter_layer` on that layer's mass; the
         layers before it the earlier group's chunks below (none where no group noted
         one: each head ranks all its slots);
     "two_pass_prompt" and "one_pass_prompt" give a group of several queries the rule
-    "two_pass_carry" and "one_pass_peaked", a group of one "one_pass_filter". In each case
+    "two_pass_carry" and "one_pass_onward", a group of one "one_pass_filter". In each case
     a layer's mass is replaced, where its share is smaller, by the top chunks noted by
     an earlier group whose newest query is among the w tokens before the group's first
     (the most peaked of them). Each group notes the top chunks and share of the mass its
@@ -148,7 +148,7 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
     gaps = [np.inf]
     group_of = np.arange(layers[0][0].shape[1]) if group_of is None else np.asarray(group_of)
     shared = -(-(L // w - 3) // 2)
-    prompt_rules = {"two_pass_prompt": "two_pass_carry", "one_pass_prompt": "one_pass_peaked"}
+    prompt_rules = {"two_pass_prompt": "two_pass_carry", "one_pass_prompt": "one_pass_onward"}
 
     def mass_and_share(layer, newest):
         q, k, _ = layers[layer]
@@ -171,8 +171,9 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
         measured = [mass_and_share(layer, newest) for layer in range(len(layers))]
         if rule == "two_pass_carry":
             own = [most_peaked(measured)] * len(layers)
-        elif rule == "one_pass_peaked":
-            own = [most_peaked(measured[: layer + 1]) for layer in range(len(layers))]
+        elif rule == "one_pass_onward":
+            own = [None if layer < filter_layer else most_peaked(measured[filter_layer : layer + 1])
+                   for layer in range(len(layers))]
         else:
             own = [None if layer < filter_layer else measured[filter_layer] for layer in range(len(layers))]
         earlier = [noted[p] for p in noted if first - w <= p < first]
