@@ -58,9 +58,6 @@ SELECTION_NOTES = {
     "and the layers after it, and the layers before it take the earlier group's choice.",
     "two_pass_prompt": "a group of several queries (a prompt's chunk) as two_pass_carry, a group of "
     "one (a decoded token, and the prompt's last) as one_pass_filter; each carries the other's choice.",
-    "one_pass_prompt": "as two_pass_prompt, but a prompt's chunk in one pass: each layer follows the most "
-    "peaked of the layers up to it, or an earlier group's choice within the w tokens before it where "
-    "that was more peaked.",
     "two_pass_reuse": "as two_pass_carry, but a decoded token with a choice noted in the w tokens "
     "before it takes that choice without a first pass (a faster decode).",
     "pooled": "half the retrieved slots hold the chunks the layer's heads attend to most together "
@@ -71,6 +68,9 @@ SELECTION_NOTES = {
     "of the group's own first pass.",
     "two_pass_topk": "as two_pass, but the most peaked layer is the one whose top chunks, as many "
     "as it shares, hold the largest share of its pooled attention.",
+    "one_pass_prompt": "as two_pass_prompt, but a prompt's chunk in one pass: at e670f16 each layer "
+    "following the most peaked of every layer up to it, at 27593ad the layers before the filter layer "
+    "an earlier group's choice and those from it on the most peaked since it.",
 }
 NO_COMMIT = "†"
 CELLS_NOTE = "- Cells: mean (number of samples); `skipped`: full attention beyond --max-length-full."

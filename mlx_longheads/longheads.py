@@ -351,44 +351,10 @@ class FilterRelay:
         return self.kept
 
 
-class FilterOnwardRelay(FilterRelay):
-    """What a prompt's chunk carries under "one_pass_prompt": `FilterRelay`'s choice,
-    with the layers after the filter layer choosing too.
-
-    "two_pass_carry" reads a chunk twice to give every layer the most peaked layer's
-    choice; that layer was the filter layer or one after it in 12 of 16 chunks
-    (results/perplexity_gap_study.md), and its second pass halves the prefill past F.
-    Following the most peaked of every layer up to each one in one pass instead let
-    early layers' choices spread and cost 6.6% perplexity past F (docs/evaluation.md).
-    So one pass: the layers before the filter layer take the recent choice, as with
-    `FilterRelay`; from the filter layer on each layer measures its pooled attention
-    and follows the most peaked of the layers since the filter layer, or the recent
-    choice where that is more peaked; the most peaked is noted for the groups after.
-    """
-
-    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
-        """The pooled attention [B, 1, C] that `layer`'s shared slots follow (None: none,
-        each head ranks all its slots), measured (`measure`) from the filter layer on."""
-        if layer < self.layer:
-            return None if self.carried is None else self.carried[0]
-        pooled = measure()
-        share = peakedness(pooled)
-        if layer > self.layer:
-            best, best_share = self.fresh
-            own = share >= best_share
-            pooled, share = mx.where(own[..., None], pooled, best), mx.where(own, share, best_share)
-        self.fresh, self.kept = (pooled, share), pooled
-        if self.carried is not None:
-            carried, carried_share = self.carried
-            self.kept = mx.where((carried_share > share)[..., None], carried, pooled)
-        return self.kept
-
-
-class PromptRelay:
-    """What the "two_pass_prompt" and "one_pass_prompt" selections carry: a group of
-    several queries (a prompt's chunk) runs the `prompt` relay (`CarryRelay`'s two
-    passes, or `FilterOnwardRelay`'s one), a group of one (a decoded token, and a prompt's
-    last token, which mlx-lm's generate feeds alone) `FilterRelay`'s one pass.
+class PromptCarryRelay:
+    """What the "two_pass_prompt" selection carries: a group of several queries (a
+    prompt's chunk) runs `CarryRelay`'s two passes, a group of one (a decoded token, and
+    a prompt's last token, which mlx-lm's generate feeds alone) `FilterRelay`'s one.
 
     On the 16k prompts where "two_pass_carry" and "one_pass_filter" disagreed, the
     answer was lost either while the prompt was read (by the filter) or in the answer's
@@ -398,14 +364,13 @@ class PromptRelay:
     their choice in layer 0's cache, so each carries the other's.
     """
 
-    def __init__(self, prompt: Union[CarryRelay, FilterRelay], filter: FilterRelay):
-        self.prompt, self.filter = prompt, filter
+    def __init__(self, carry: CarryRelay, filter: FilterRelay):
+        self.carry, self.filter = carry, filter
         self.active: Union[CarryRelay, FilterRelay] = filter
 
     def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
-        """One group through `forward`: by the prompt relay for several queries, by the
-        filter for one."""
-        self.active = self.prompt if tokens > 1 else self.filter
+        """One group through `forward`: twice for several queries, once for one."""
+        self.active = self.carry if tokens > 1 else self.filter
         return self.active.run(forward, caches, tokens)
 
     def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:

@@ -12,11 +12,11 @@ first pass's). Its cost is not the point; where its perplexity lands is: near
 two_pass_carry's, the first difference is the gap; near one_pass_filter's, the second.
 Two more rules ask whether more filter layers close the second (the calibration's
 best two and three layers, the most peaked of them chosen, as OmniKV uses three), and
-two_pass_carry's run counts which layer was the most peaked one for each group. The last
-rule is one_pass_prompt's (a prompt's chunk in one pass): how much of two_pass_carry's
-lead needs its second pass. results/perplexity_gap_one_pass.md ran it at e670f16, when
-each layer followed the most peaked of every layer up to it; on these 4,096 tokens that
-rule was 0.3% behind two_pass_carry, and 6.6% on the eval's 8-16k.
+two_pass_carry's run counts which layer was the most peaked one for each group.
+results/perplexity_gap_one_pass.md ran, at e670f16, a rule that has since left the
+library ("one_pass_prompt": a prompt's chunk in one pass, each layer following the most
+peaked of every layer up to it): 0.3% behind two_pass_carry on these 4,096 tokens, and
+6.6% on the eval's 8-16k, so this window does not rank rules reliably.
 
 All three score the same tokens after the same prefix (inside F, the model's own
 attention, prefilled once), fed in the eval's 2048-token blocks.
@@ -40,7 +40,7 @@ from mlx.utils import tree_map
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import code_version, prefilled, token_nll
 from mlx_longheads.calibrate import fingerprint
-from mlx_longheads.longheads import CarryRelay, FilterRelay, PromptRelay, peakedness, top_chunks
+from mlx_longheads.longheads import CarryRelay, FilterRelay, peakedness, top_chunks
 from mlx_longheads.resolve import cache_dir
 from mlx_longheads.tasks import perplexity_text
 from needle_oracle import write_report  # scripts/ is on the path when run
@@ -152,14 +152,11 @@ RULES = {
     "one_pass_filter, the calibration's best two layers filtering": (FILTER, with_filter_layers(2)),
     "one_pass_filter, the calibration's best three layers filtering": (FILTER, with_filter_layers(3)),
     "two_pass_carry": (LongHeadsConfig(selection="two_pass_carry"), counting),
-    "one_pass_prompt": (LongHeadsConfig(selection="one_pass_prompt"), None),
 }
 
 
 def layers_of(relay) -> str:
     """Which layers chose: the filter layers, or how often each was the most peaked."""
-    if isinstance(relay, PromptRelay):
-        return "most peaked so far (prompt chunks)"
     if isinstance(relay, CountingCarryRelay):
         return "most peaked (groups): " + ", ".join(f"{layer} ({n})" for layer, n in relay.counts.most_common())
     return ", ".join(map(str, getattr(relay, "layers", [relay.layer])))
