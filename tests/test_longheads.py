@@ -46,24 +46,25 @@ def run_layers(layers, config, steps, scale=SCALE, rope=None):
     rope = nn.RoPE(layers[0][0].shape[-1], base=BASE) if rope is None else rope
     outputs, start = [[] for _ in layers], 0
 
-    def forward(sl):
+    def forward(first, last, start=0, end=None):  # each layer's output [1, T, H, D]
+        sl = slice(first, last)
         return [
             longheads_attention(
-                *(mx.array(a[None, :, sl]) for a in (q, k, v)),
+                *(mx.array(a[None, :, sl][:, :, start:end]) for a in (q, k, v)),
                 caches[index], rope, scale, config,
                 partial(relay.choose, index) if config.links_layers else None,
-            )
+            ).swapaxes(1, 2)
             for index, (q, k, v) in enumerate(layers)
         ]
 
     for size in steps:
         pieces = group_pieces(config, start, size) if config.links_layers else [(0, size, False)]
         for first, last, linked in pieces:
-            call = partial(forward, slice(start + first, start + last))
+            call = partial(forward, start + first, start + last)
             for index, out in enumerate(relay.run(call, caches, last - first) if linked else call()):
                 outputs[index].append(out)
         start += size
-    return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs], caches
+    return [np.array(mx.concatenate(out, axis=1)[0].swapaxes(0, 1)) for out in outputs], caches
 
 
 def run(q, k, v, config, steps, scale=SCALE):
