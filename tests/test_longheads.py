@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from mlx import nn
 
 from mlx_longheads import longheads
+from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import FILTERING_SELECTIONS, LINKED_SELECTIONS, SELECTIONS, LongHeadsConfig
 from mlx_longheads.longheads import (
     chunk_representations,
@@ -80,7 +81,8 @@ def expected_outputs(layers, config, group_of=None, scale=SCALE):
     w, L, F = config.chunk_size, config.attention_length, config.full_attention_length
     if config.links_layers:
         return reference.linked_layers(
-            layers, w, L, scale, BASE, config.selection, config.filter_layer or 0, group_of=group_of, F=F
+            layers, w, L, scale, BASE, config.selection, config.filter_layer or 0, group_of=group_of, F=F,
+            tail=config.tail_queries,
         )
     per_kv_head, gaps = config.selection == "kv_head", [np.inf]
     outputs = [
@@ -253,6 +255,20 @@ def test_two_pass_prompt_reads_chunks_as_two_pass_carry_and_tokens_as_one_pass_f
     assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
 
 
+# As above, with calls that start inside a chunk and pieces shorter than a chunk's tail.
+@pytest.mark.parametrize("L, F, filter_layer", [(32, 32, 1), (32, 56, 0), (32, 56, 2)])
+@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [47, 17, 25, 31]), ("grouped", [61, 30] + [1] * 29), ("grouped", [41, 2, 3, 5, 7, 11, 13, 38])])
+def test_two_pass_tail_reads_a_chunks_last_queries_as_two_pass_carry_and_the_rest_with_the_chunk_befores_choice(L, F, filter_layer, prefill, steps):
+    """Three layers: of a group of several queries (a prompt's chunk) the last quarter
+    gives every layer the most peaked layer's choice, as "two_pass_carry", and the
+    queries before them every layer the choice noted last in the chunk before (each
+    head its own at the first group past F); a group of one (a decoded token) the
+    filter layer's, as "one_pass_filter" (the numpy rule)."""
+    config = LongHeadsConfig(8, L, selection="two_pass_tail", prefill=prefill, full_attention_length=F,
+                             filter_layer=filter_layer)
+    assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
+
+
 @pytest.mark.parametrize("selection", LINKED_SELECTIONS)
 def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
@@ -364,6 +380,24 @@ def test_two_pass_prompt_measures_every_layer_per_prompt_chunk_and_the_filter_la
     layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(3)]
     _, caches = run_layers(layers, config, [prompt] + [1] * decoded)
     chunks = (prompt - L) // w
+    assert [calls[i * 3 : i * 3 + 3] for i in range(chunks)] == [caches] * chunks
+    assert calls[3 * chunks :] == [caches[1]] * decoded
+
+
+def test_two_pass_tail_reads_a_prompts_chunk_in_a_quarter_more_than_one_pass(monkeypatch):
+    """A prompt's chunk past F: w + w/4 queries through the model (its last quarter in
+    two passes), every layer measured once, by that quarter's newest query; a decoded
+    token: one pass, the filter layer measured."""
+    w, L, prompt, decoded = 8, 32, 64, 11
+    calls = counted_measurements(monkeypatch)
+    appended, append = [], LongHeadsCache.append
+    monkeypatch.setattr(LongHeadsCache, "append", lambda cache, q, *a: appended.append((cache, q.shape[2])) or append(cache, q, *a))
+    config = LongHeadsConfig(w, L, selection="two_pass_tail", filter_layer=1)
+    layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(3)]
+    _, caches = run_layers(layers, config, [prompt] + [1] * decoded)
+    chunks = (prompt - L) // w
+    assert config.tail_queries == w // 4
+    assert sum(tokens for cache, tokens in appended if cache is caches[0]) == L + chunks * (w + w // 4) + decoded
     assert [calls[i * 3 : i * 3 + 3] for i in range(chunks)] == [caches] * chunks
     assert calls[3 * chunks :] == [caches[1]] * decoded
 
