@@ -59,8 +59,8 @@ class LongHeadsConfig:
       (`longheads.FilterRelay`): what "two_pass_carry" shares, at about the paper's
       reads (one layer's keys, not every layer's, and the weights once).
       "two_pass_tail": as "two_pass_prompt", but of a prompt's chunk only the last
-      `tail_queries` run the two passes, the queries before them one pass with the
-      chunk before's choice (`longheads.PromptTailRelay`): a cheaper prefill.
+      `tail_queries` run the two passes, the queries before them one pass as
+      "one_pass_filter" (`longheads.PromptTailRelay`): a cheaper prefill.
       "query_head": the paper's rule, each query head picks its chunks by q . rep_c;
       "kv_head": the paper's rule per KV head (the scores of a GQA group summed).
     prefill: "grouped" lets the queries of one chunk within one forward call share a

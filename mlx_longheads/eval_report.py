@@ -59,8 +59,7 @@ SELECTION_NOTES = {
     "two_pass_prompt": "a group of several queries (a prompt's chunk) as two_pass_carry, a group of "
     "one (a decoded token, and the prompt's last) as one_pass_filter; each carries the other's choice.",
     "two_pass_tail": "as two_pass_prompt, but of a prompt's chunk only the last quarter of its "
-    "queries run two_pass_carry's two passes; the queries before them one pass, every layer with "
-    "the chunk before's choice.",
+    "queries run two_pass_carry's two passes; the queries before them one pass, as one_pass_filter.",
     "two_pass_reuse": "as two_pass_carry, but a decoded token with a choice noted in the w tokens "
     "before it takes that choice without a first pass (a faster decode).",
     "pooled": "half the retrieved slots hold the chunks the layer's heads attend to most together "

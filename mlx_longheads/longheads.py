@@ -387,32 +387,10 @@ class PromptCarryRelay:
         return self.active.choose(layer, block, measure)
 
 
-class RecentRelay:
-    """One pass in which every layer's shared slots follow the recent choice (the most
-    peaked noted in the `span` tokens before the group, `carried_choice`; each head's
-    own ranking where none was noted); nothing is measured and nothing noted. The head
-    of a prompt's chunk under "two_pass_tail" (`PromptTailRelay`)."""
-
-    def __init__(self, span: int, full_length: int):
-        self.span = span
-        self.full_length = full_length
-        self.carried: Optional[Tuple[mx.array, mx.array]] = None
-
-    def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
-        """One group's pass through `forward`, with the recent choice carried in."""
-        self.carried = carried_choice(caches[0], self.span, self.full_length, tokens)
-        return forward()
-
-    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
-        """The recent choice, in every layer."""
-        return None if self.carried is None else self.carried[0]
-
-
 class PromptTailRelay:
     """What the "two_pass_tail" selection carries: as "two_pass_prompt", but of a group
     of several queries (a prompt's chunk) only the last `tail` run `CarryRelay`'s two
-    passes; the queries before them run one pass with the recent choice in every layer
-    (`RecentRelay`), that of the chunk before.
+    passes; the queries before them (its head) run `FilterRelay`'s one.
 
     "two_pass_prompt" reads a prompt's chunk twice: half the per-head rule's prefill
     throughput (results/bench_prompt.md). A group's choice is made by its newest query,
@@ -421,23 +399,20 @@ class PromptTailRelay:
     still made as "two_pass_carry" makes it, and carried into the answer.
     """
 
-    def __init__(self, carry: CarryRelay, filter: FilterRelay, recent: RecentRelay, tail: int):
-        self.carry, self.filter, self.recent, self.tail = carry, filter, recent, tail
-        self.active: Union[CarryRelay, FilterRelay, RecentRelay] = filter
+    def __init__(self, carry: CarryRelay, filter: FilterRelay, tail: int):
+        self.carry, self.filter, self.tail = carry, filter, tail
+        self.active: Union[CarryRelay, FilterRelay] = filter
 
     def run(self, forward: Callable[..., Any], caches: List[LongHeadsCache], tokens: int) -> Any:
         """One group through `forward` (`forward(first, last)`: its queries first..last-1,
         an output whose axis 1 is per token): once for one query, twice for at most
         `tail`, else its head once and its tail twice."""
-        if tokens == 1:
-            self.active = self.filter
-            return self.filter.run(forward, caches, tokens)
         head = tokens - self.tail
-        if head <= 0:
-            self.active = self.carry
-            return self.carry.run(forward, caches, tokens)
-        self.active = self.recent
-        first = self.recent.run(partial(forward, 0, head), caches, head)
+        if tokens == 1 or head <= 0:
+            self.active = self.filter if tokens == 1 else self.carry
+            return self.active.run(forward, caches, tokens)
+        self.active = self.filter
+        first = self.filter.run(partial(forward, 0, head), caches, head)
         self.active = self.carry
         last = self.carry.run(partial(forward, head, tokens), caches, self.tail)
         return tree_map(lambda a, b: mx.concatenate([a, b], axis=1), first, last)

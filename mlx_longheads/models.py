@@ -20,7 +20,6 @@ from .longheads import (
     FilterRelay,
     PromptCarryRelay,
     PromptTailRelay,
-    RecentRelay,
     longheads_attention,
 )
 from .support import ARCHITECTURES
@@ -163,7 +162,7 @@ def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
         "two_pass_carry": carry,
         "one_pass_filter": filter,
         "two_pass_prompt": PromptCarryRelay(carry, filter),
-        "two_pass_tail": PromptTailRelay(carry, filter, RecentRelay(config.chunk_size, F), config.tail_queries),
+        "two_pass_tail": PromptTailRelay(carry, filter, config.tail_queries),
     }
     return relays.get(config.selection)
 

@@ -154,8 +154,7 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
         one as "one_pass_filter";
       - "two_pass_tail": as "two_pass_prompt", with each group of more than `tail`
         queries cut in two (`cut_tails`): its last `tail` as "two_pass_carry", the
-        ones before them (its head) with the chunks noted last before it in every
-        layer (each head its own where none was), measuring and noting nothing;
+        ones before them (its head) as "one_pass_filter";
     in each case replaced, where it is larger, by the share and top chunks noted by an
     earlier group whose newest query is among the w tokens before the group's first.
     Each group notes its own top chunks and share (the mass the rule measured)."""
@@ -185,11 +184,9 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
             continue
         carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
         earlier = [noted[p] for p in noted if first - w <= p < first]
-        if group in heads:
-            recent = max(earlier, key=lambda noted: noted[0], default=None)
-            before[newest] = after[newest] = None if recent is None else carried(recent[1])
-            continue
-        two_passes = selection == "two_pass_carry" or (selection != "one_pass_filter" and len(members) > 1)
+        two_passes = selection == "two_pass_carry" or (
+            selection != "one_pass_filter" and len(members) > 1 and group not in heads
+        )
         mass, share = most_peaked(newest) if two_passes else mass_and_share(filter_layer, newest)
         before[newest] = after[newest] = mass
         if earlier:

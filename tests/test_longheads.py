@@ -258,12 +258,11 @@ def test_two_pass_prompt_reads_chunks_as_two_pass_carry_and_tokens_as_one_pass_f
 # As above, with calls that start inside a chunk and pieces shorter than a chunk's tail.
 @pytest.mark.parametrize("L, F, filter_layer", [(32, 32, 1), (32, 56, 0), (32, 56, 2)])
 @pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [47, 17, 25, 31]), ("grouped", [61, 30] + [1] * 29), ("grouped", [41, 2, 3, 5, 7, 11, 13, 38])])
-def test_two_pass_tail_reads_a_chunks_last_queries_as_two_pass_carry_and_the_rest_with_the_chunk_befores_choice(L, F, filter_layer, prefill, steps):
+def test_two_pass_tail_reads_a_chunks_last_queries_as_two_pass_carry_and_the_rest_as_one_pass_filter(L, F, filter_layer, prefill, steps):
     """Three layers: of a group of several queries (a prompt's chunk) the last quarter
-    gives every layer the most peaked layer's choice, as "two_pass_carry", and the
-    queries before them every layer the choice noted last in the chunk before (each
-    head its own at the first group past F); a group of one (a decoded token) the
-    filter layer's, as "one_pass_filter" (the numpy rule)."""
+    gives every layer the most peaked layer's choice, as "two_pass_carry"; the queries
+    before them, and a group of one (a decoded token), the filter layer's, as
+    "one_pass_filter" (the numpy rule)."""
     config = LongHeadsConfig(8, L, selection="two_pass_tail", prefill=prefill, full_attention_length=F,
                              filter_layer=filter_layer)
     assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
@@ -386,8 +385,9 @@ def test_two_pass_prompt_measures_every_layer_per_prompt_chunk_and_the_filter_la
 
 def test_two_pass_tail_reads_a_prompts_chunk_in_a_quarter_more_than_one_pass(monkeypatch):
     """A prompt's chunk past F: w + w/4 queries through the model (its last quarter in
-    two passes), every layer measured once, by that quarter's newest query; a decoded
-    token: one pass, the filter layer measured."""
+    two passes): the filter layer measured by the newest query before that quarter,
+    then every layer by the quarter's newest; a decoded token: one pass, the filter
+    layer measured."""
     w, L, prompt, decoded = 8, 32, 64, 11
     calls = counted_measurements(monkeypatch)
     appended, append = [], LongHeadsCache.append
@@ -398,8 +398,8 @@ def test_two_pass_tail_reads_a_prompts_chunk_in_a_quarter_more_than_one_pass(mon
     chunks = (prompt - L) // w
     assert config.tail_queries == w // 4
     assert sum(tokens for cache, tokens in appended if cache is caches[0]) == L + chunks * (w + w // 4) + decoded
-    assert [calls[i * 3 : i * 3 + 3] for i in range(chunks)] == [caches] * chunks
-    assert calls[3 * chunks :] == [caches[1]] * decoded
+    assert [calls[i * 4 : i * 4 + 4] for i in range(chunks)] == [[caches[1], *caches]] * chunks
+    assert calls[4 * chunks :] == [caches[1]] * decoded
 
 
 @settings(max_examples=60, deadline=None)
