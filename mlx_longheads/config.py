@@ -3,11 +3,10 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_prompt", "two_pass_tail", "query_head", "kv_head"]
-SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "two_pass_tail", "query_head", "kv_head")
-LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "two_pass_tail")
-# A calibrated filter layer chooses for a decoded token.
-FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt", "two_pass_tail")
+Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_prompt", "query_head", "kv_head"]
+SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "query_head", "kv_head")
+LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt")
+FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt")  # a calibrated filter layer chooses
 # Selections that lost their comparison, when they left the library and what answers what
 # they did (docs/evaluation.md has their results and the commits that removed them).
 REMOVED_SELECTIONS = {
@@ -17,6 +16,7 @@ REMOVED_SELECTIONS = {
     "two_pass_topk": ("2026-12-02", "two_pass_carry"),
     "two_pass_reuse": ("2026-12-03", "one_pass_filter, at the paper's reads,"),
     "one_pass_prompt": ("2026-12-03", "two_pass_prompt"),
+    "two_pass_tail": ("2026-12-03", "two_pass_prompt"),
 }
 Prefill = Literal["grouped", "exact"]
 
@@ -58,9 +58,6 @@ class LongHeadsConfig:
       the layers after it and, at the next group, of the layers before it
       (`longheads.FilterRelay`): what "two_pass_carry" shares, at about the paper's
       reads (one layer's keys, not every layer's, and the weights once).
-      "two_pass_tail": as "two_pass_prompt", but of a prompt's chunk only the last
-      `tail_queries` run the two passes, the queries before them one pass as
-      "one_pass_filter" (`longheads.PromptTailRelay`): a cheaper prefill.
       "query_head": the paper's rule, each query head picks its chunks by q . rep_c;
       "kv_head": the paper's rule per KV head (the scores of a GQA group summed).
     prefill: "grouped" lets the queries of one chunk within one forward call share a
@@ -105,12 +102,6 @@ class LongHeadsConfig:
         `longheads.CarryRelay`, `longheads.FilterRelay` or both), so that each group of queries
         past F is a call of its own."""
         return self.selection in LINKED_SELECTIONS
-
-    @property
-    def tail_queries(self) -> int:
-        """The last queries of a prompt's chunk that "two_pass_tail" reads in two passes:
-        a quarter of a chunk, so a chunk costs 1.25 passes instead of two."""
-        return max(1, self.chunk_size // 4)
 
     @property
     def shared_slots(self) -> int:
@@ -202,7 +193,7 @@ class LongHeadsConfig:
         if self.filter_layer is not None and (not self.filters or self.filter_layer < 0):
             raise ConfigError(
                 f"filter_layer {self.filter_layer} applies to the "
-                f"{', '.join(FILTERING_SELECTIONS)} selections only, as a layer index from 0: "
+                f"{' and '.join(FILTERING_SELECTIONS)} selections only, as a layer index from 0: "
                 "drop it or set selection='one_pass_filter'"
             )
         if self.prefill not in ("grouped", "exact"):

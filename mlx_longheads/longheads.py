@@ -292,18 +292,6 @@ def recent_choice(cache: LongHeadsCache, span: int, n_chunks: int) -> Tuple[mx.a
     return chunk_mask(chunks, n_chunks).astype(mx.float32), share
 
 
-def carried_choice(
-    cache: LongHeadsCache, span: int, full_length: int, tokens: int
-) -> Optional[Tuple[mx.array, mx.array]]:
-    """What a group of `tokens` queries after the cache's offset carries in: the most
-    peaked choice noted in the `span` tokens before it, as (pooled [B, 1, C], share
-    [B, 1]); None at the first group past F (full_length), before which none is noted."""
-    if cache.choices is None or cache.offset <= full_length:
-        return None
-    carried, share = recent_choice(cache, span, (cache.offset + tokens) // cache.chunk_size)
-    return carried[:, None], share[:, None]
-
-
 class FilterRelay:
     """What the "one_pass_filter" selection carries: one layer's choice, to the layers
     after it in the same pass and to the layers before it at the next group.
@@ -339,7 +327,10 @@ class FilterRelay:
         """One group's pass through `forward` (its `tokens` queries after the caches'
         offset), with the recent choice carried in and the group's own noted after."""
         cache = caches[0]
-        self.carried = carried_choice(cache, self.span, self.full_length, tokens)
+        self.carried = None
+        if cache.choices is not None and cache.offset > self.full_length:
+            carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
+            self.carried = (carried[:, None], share[:, None])
         out = forward()
         pooled, share = self.fresh
         cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
@@ -384,41 +375,6 @@ class PromptCarryRelay:
 
     def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
         """The pooled attention `layer`'s shared slots follow, by the group's relay."""
-        return self.active.choose(layer, block, measure)
-
-
-class PromptTailRelay:
-    """What the "two_pass_tail" selection carries: as "two_pass_prompt", but of a group
-    of several queries (a prompt's chunk) only the last `tail` run `CarryRelay`'s two
-    passes; the queries before them (its head) run `FilterRelay`'s one.
-
-    "two_pass_prompt" reads a prompt's chunk twice: half the per-head rule's prefill
-    throughput (results/bench_prompt.md). A group's choice is made by its newest query,
-    so the tail alone needs the first pass: w + tail token passes per chunk instead of
-    2w. The question at a prompt's end sits in its last piece's tail, so its choice is
-    still made as "two_pass_carry" makes it, and carried into the answer.
-    """
-
-    def __init__(self, carry: CarryRelay, filter: FilterRelay, tail: int):
-        self.carry, self.filter, self.tail = carry, filter, tail
-        self.active: Union[CarryRelay, FilterRelay] = filter
-
-    def run(self, forward: Callable[..., Any], caches: List[LongHeadsCache], tokens: int) -> Any:
-        """One group through `forward` (`forward(first, last)`: its queries first..last-1,
-        an output whose axis 1 is per token): once for one query, twice for at most
-        `tail`, else its head once and its tail twice."""
-        head = tokens - self.tail
-        if tokens == 1 or head <= 0:
-            self.active = self.filter if tokens == 1 else self.carry
-            return self.active.run(forward, caches, tokens)
-        self.active = self.filter
-        first = self.filter.run(partial(forward, 0, head), caches, head)
-        self.active = self.carry
-        last = self.carry.run(partial(forward, head, tokens), caches, self.tail)
-        return tree_map(lambda a, b: mx.concatenate([a, b], axis=1), first, last)
-
-    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
-        """The pooled attention `layer`'s shared slots follow, by the piece's relay."""
         return self.active.choose(layer, block, measure)
 
 

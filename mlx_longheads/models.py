@@ -15,13 +15,7 @@ import mlx.nn as nn
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .calibrate import filter_layer
-from .longheads import (
-    CarryRelay,
-    FilterRelay,
-    PromptCarryRelay,
-    PromptTailRelay,
-    longheads_attention,
-)
+from .longheads import CarryRelay, FilterRelay, PromptCarryRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -79,24 +73,20 @@ class LinkedCall:
     """The forward call of a model whose selection links its layers, mixed into its class.
 
     A layer past F takes a choice made in another layer (the relay's, `longheads.CarryRelay`,
-    `longheads.FilterRelay`, `longheads.PromptCarryRelay` or `longheads.PromptTailRelay`),
-    and a group takes the one noted by the groups before it, so a call is cut into one
-    piece per group (a chunk, or a token with prefill "exact") past F, each run by the
-    relay (`run`: twice or once, or cut again, as the selection has it): a prompt
-    prefilled in one call is computed as when fed one group per call.
+    `longheads.FilterRelay` or `longheads.PromptCarryRelay`), and a group takes the one
+    noted by the groups before it, so a call is cut into one piece per group (a chunk, or
+    a token with prefill "exact") past F, each run by the relay (`run`: twice or once, as
+    the selection has it): a prompt prefilled in one call is computed as when fed one
+    group per call.
     """
 
     def __call__(self, inputs: mx.array, cache: Optional[List[LongHeadsCache]] = None) -> mx.array:
         cache = self.make_cache() if cache is None else cache
-        config, relay, call = self.layers[0].self_attn.config, self.relay, super().__call__
-
-        def forward(piece: mx.array, first: int = 0, last: Optional[int] = None) -> mx.array:
-            return call(piece[:, first:last], cache=cache)
-
+        config, relay = self.layers[0].self_attn.config, self.relay
         logits = []
         for first, last, linked in group_pieces(config, cache[0].offset, inputs.shape[1]):
-            piece = partial(forward, inputs[:, first:last])
-            logits.append(relay.run(piece, cache, last - first) if linked else piece())
+            forward = partial(super().__call__, inputs[:, first:last], cache=cache)
+            logits.append(relay.run(forward, cache, last - first) if linked else forward())
         return mx.concatenate(logits, axis=1)
 
 
@@ -150,7 +140,7 @@ def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongH
     return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
 
 
-Relay = Union[CarryRelay, FilterRelay, PromptCarryRelay, PromptTailRelay]
+Relay = Union[CarryRelay, FilterRelay, PromptCarryRelay]
 
 
 def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
@@ -158,18 +148,13 @@ def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
     F = config.full_chunks * config.chunk_size
     carry = CarryRelay(config.shared_slots, config.chunk_size)
     filter = FilterRelay(config.shared_slots, config.chunk_size, F, config.filter_layer)
-    relays = {
-        "two_pass_carry": carry,
-        "one_pass_filter": filter,
-        "two_pass_prompt": PromptCarryRelay(carry, filter),
-        "two_pass_tail": PromptTailRelay(carry, filter, config.tail_queries),
-    }
+    relays = {"two_pass_carry": carry, "one_pass_filter": filter, "two_pass_prompt": PromptCarryRelay(carry, filter)}
     return relays.get(config.selection)
 
 
 def filter_relay(relay: Relay) -> FilterRelay:
     """The part of a relay that follows a filter layer."""
-    return relay.filter if isinstance(relay, (PromptCarryRelay, PromptTailRelay)) else relay
+    return relay.filter if isinstance(relay, PromptCarryRelay) else relay
 
 
 def apply_longheads(

@@ -17,6 +17,10 @@ results/perplexity_gap_one_pass.md ran, at e670f16, a rule that has since left t
 library ("one_pass_prompt": a prompt's chunk in one pass, each layer following the most
 peaked of every layer up to it): 0.3% behind two_pass_carry on these 4,096 tokens, and
 6.6% on the eval's 8-16k, so this window does not rank rules reliably.
+results/perplexity_gap_tail.md ran, at 688c56d, another rule that has left the library
+("two_pass_tail": a chunk's last quarter of queries in two passes, the rest in one): on
+positions 8193-10240 all three rules it ran were within 0.5%, where the eval's 8-16k put
+it 8% behind two_pass_prompt.
 
 All three score the same tokens after the same prefix (inside F, the model's own
 attention, prefilled once), fed in the eval's 2048-token blocks.
@@ -40,6 +44,7 @@ from mlx.utils import tree_map
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import code_version, prefilled, token_nll
 from mlx_longheads.calibrate import fingerprint
+from mlx_longheads.models import filter_relay
 from mlx_longheads.longheads import CarryRelay, FilterRelay, peakedness, top_chunks
 from mlx_longheads.resolve import cache_dir
 from mlx_longheads.tasks import perplexity_text
@@ -92,12 +97,15 @@ class MultiFilterRelay(FilterRelay):
 
 
 class CountingCarryRelay(CarryRelay):
-    """two_pass_carry, counting which layer was each group's most peaked."""
+    """two_pass_carry, counting which layer was each group's most peaked, and the groups
+    whose shared chunks came out as the recent choice (the chunks noted in the chunk
+    before): a first pass given that choice in every layer would have needed no second."""
 
     def __init__(self, shared, span):
         super().__init__(shared, span)
         self.counts = Counter()
         self.winner = None
+        self.unchanged = self.groups = 0
 
     def choose(self, layer, block, measure):
         if self.replaying:
@@ -111,7 +119,12 @@ class CountingCarryRelay(CarryRelay):
 
     def between_passes(self, cache, tokens):
         self.counts.update(self.winner.reshape(-1).tolist())
+        share, recent = cache.recent_choice(cache.offset, self.span)
         super().between_passes(cache, tokens)
+        kept = top_chunks(self.best[0][0][:, 0], self.shared)
+        same = (mx.sort(kept, axis=-1) == mx.sort(recent, axis=-1)).all(axis=-1) & (share >= 0)
+        self.unchanged += int(same.sum().item())
+        self.groups += same.size
 
 
 def swap_relay(model, relay) -> None:
@@ -152,14 +165,18 @@ RULES = {
     "one_pass_filter, the calibration's best two layers filtering": (FILTER, with_filter_layers(2)),
     "one_pass_filter, the calibration's best three layers filtering": (FILTER, with_filter_layers(3)),
     "two_pass_carry": (LongHeadsConfig(selection="two_pass_carry"), counting),
+    "two_pass_prompt": (LongHeadsConfig(selection="two_pass_prompt"), None),
 }
 
 
 def layers_of(relay) -> str:
     """Which layers chose: the filter layers, or how often each was the most peaked."""
     if isinstance(relay, CountingCarryRelay):
-        return "most peaked (groups): " + ", ".join(f"{layer} ({n})" for layer, n in relay.counts.most_common())
-    return ", ".join(map(str, getattr(relay, "layers", [relay.layer])))
+        return (
+            "most peaked (groups): " + ", ".join(f"{layer} ({n})" for layer, n in relay.counts.most_common())
+            + f"; shared chunks = the chunk before's in {relay.unchanged} of {relay.groups} groups"
+        )
+    return ", ".join(map(str, getattr(relay, "layers", [filter_relay(relay).layer])))
 
 
 def main() -> None:
@@ -188,7 +205,10 @@ def main() -> None:
         nll = token_nll(model, tokens[F:], cache, lambda done, total: print(f"\r{name}: {done}/{total}", end="", flush=True))
         seconds = time.perf_counter() - tic
         halves = [nll[: len(nll) // 2], nll[len(nll) // 2 :]]
-        rows.append((name, math.exp(sum(nll) / len(nll)), *[math.exp(sum(h) / len(h)) for h in halves], sum(nll), seconds, layers_of(model.relay)))
+        w = model.layers[0].self_attn.config.chunk_size
+        offsets = [(F + i) % w for i in range(len(nll))]  # the scored query's place in its chunk
+        parts = [[x for x, o in zip(nll, offsets) if o < w - w // 4], [x for x, o in zip(nll, offsets) if o >= w - w // 4]]
+        rows.append((name, math.exp(sum(nll) / len(nll)), *[math.exp(sum(h) / len(h)) for h in halves + parts], sum(nll), seconds, layers_of(model.relay)))
         print(f"\n{rows[-1]}", flush=True)
     lines = [
         "# Where one_pass_filter's perplexity past F differs from two_pass_carry's",
@@ -200,9 +220,11 @@ def main() -> None:
         f"`python scripts/perplexity_gap_study.py --index {args.index} --tokens {args.tokens} --output {args.output}"
         + "".join(f" --rule '{name}'" for name in args.rule or []) + "`",
         "",
-        "| rule | perplexity | first half | second half | summed loss (nats) | seconds | choosing layers |",
-        "|---|---|---|---|---|---|---|",
-        *[f"| {n} | {p:.3f} | {a:.3f} | {b:.3f} | {s:.1f} | {t:.0f} | {c} |" for n, p, a, b, s, t, c in rows],
+        "Queries before a chunk's last quarter and in it scored apart (where reading a chunk in two parts would differ).",
+        "",
+        "| rule | perplexity | first half | second half | chunk's first 3/4 | chunk's last 1/4 | summed loss (nats) | seconds | choosing layers |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *[f"| {n} | {p:.3f} | {a:.3f} | {b:.3f} | {h:.3f} | {q:.3f} | {s:.1f} | {t:.0f} | {c} |" for n, p, a, b, h, q, s, t, c in rows],
     ]
     write_report(lines, args.output)
 

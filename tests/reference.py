@@ -124,20 +124,7 @@ def pooled_mass(q_newest, k, own, w, scale, base):
     return total
 
 
-def cut_tails(group_of, tail, w, F):
-    """group_of with every group of more than `tail` queries past F cut in two: its
-    last `tail` queries and the ones before them (its head). Returns the new group_of
-    and the heads' ids."""
-    cut, heads = 2 * group_of + 1, set()
-    for group in dict.fromkeys(group_of):
-        members = np.flatnonzero(group_of == group)
-        if members.max() // w >= F // w and len(members) > tail:
-            cut[members[:-tail]] -= 1
-            heads.add(2 * group)
-    return cut, heads
-
-
-def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of=None, F=None, tail=None):
+def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of=None, F=None):
     """Outputs of a stack of layers ((q, k, v) each, as in `longheads`) under a selection
     that links them, and the smallest gap between two shares compared or two scores
     ranked (how far from a tie; `note_margin` for the rankings).
@@ -152,17 +139,11 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
         below (none where no group noted one: each head ranks all its slots);
       - "two_pass_prompt": a group of several queries as "two_pass_carry", a group of
         one as "one_pass_filter";
-      - "two_pass_tail": as "two_pass_prompt", with each group of more than `tail`
-        queries cut in two (`cut_tails`): its last `tail` as "two_pass_carry", the
-        ones before them (its head) as "one_pass_filter";
     in each case replaced, where it is larger, by the share and top chunks noted by an
     earlier group whose newest query is among the w tokens before the group's first.
     Each group notes its own top chunks and share (the mass the rule measured)."""
     gaps = [np.inf]
     group_of = np.arange(layers[0][0].shape[1]) if group_of is None else np.asarray(group_of)
-    heads = set()
-    if selection == "two_pass_tail":
-        group_of, heads = cut_tails(group_of, tail, w, F or L)
     shared = -(-(L // w - 3) // 2)
 
     def mass_and_share(layer, newest):
@@ -183,11 +164,9 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
         if newest // w < (F or L) // w:
             continue
         carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
-        earlier = [noted[p] for p in noted if first - w <= p < first]
-        two_passes = selection == "two_pass_carry" or (
-            selection != "one_pass_filter" and len(members) > 1 and group not in heads
-        )
+        two_passes = selection == "two_pass_carry" or (selection == "two_pass_prompt" and len(members) > 1)
         mass, share = most_peaked(newest) if two_passes else mass_and_share(filter_layer, newest)
+        earlier = [noted[p] for p in noted if first - w <= p < first]
         before[newest] = after[newest] = mass
         if earlier:
             best_share, chunks = max(earlier, key=lambda noted: noted[0])

@@ -10,7 +10,6 @@ from hypothesis import given, settings, strategies as st
 from mlx import nn
 
 from mlx_longheads import longheads
-from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import FILTERING_SELECTIONS, LINKED_SELECTIONS, SELECTIONS, LongHeadsConfig
 from mlx_longheads.longheads import (
     chunk_representations,
@@ -47,25 +46,24 @@ def run_layers(layers, config, steps, scale=SCALE, rope=None):
     rope = nn.RoPE(layers[0][0].shape[-1], base=BASE) if rope is None else rope
     outputs, start = [[] for _ in layers], 0
 
-    def forward(first, last, start=0, end=None):  # each layer's output [1, T, H, D]
-        sl = slice(first, last)
+    def forward(sl):
         return [
             longheads_attention(
-                *(mx.array(a[None, :, sl][:, :, start:end]) for a in (q, k, v)),
+                *(mx.array(a[None, :, sl]) for a in (q, k, v)),
                 caches[index], rope, scale, config,
                 partial(relay.choose, index) if config.links_layers else None,
-            ).swapaxes(1, 2)
+            )
             for index, (q, k, v) in enumerate(layers)
         ]
 
     for size in steps:
         pieces = group_pieces(config, start, size) if config.links_layers else [(0, size, False)]
         for first, last, linked in pieces:
-            call = partial(forward, start + first, start + last)
+            call = partial(forward, slice(start + first, start + last))
             for index, out in enumerate(relay.run(call, caches, last - first) if linked else call()):
                 outputs[index].append(out)
         start += size
-    return [np.array(mx.concatenate(out, axis=1)[0].swapaxes(0, 1)) for out in outputs], caches
+    return [np.array(mx.concatenate(out, axis=2)[0]) for out in outputs], caches
 
 
 def run(q, k, v, config, steps, scale=SCALE):
@@ -81,8 +79,7 @@ def expected_outputs(layers, config, group_of=None, scale=SCALE):
     w, L, F = config.chunk_size, config.attention_length, config.full_attention_length
     if config.links_layers:
         return reference.linked_layers(
-            layers, w, L, scale, BASE, config.selection, config.filter_layer or 0, group_of=group_of, F=F,
-            tail=config.tail_queries,
+            layers, w, L, scale, BASE, config.selection, config.filter_layer or 0, group_of=group_of, F=F
         )
     per_kv_head, gaps = config.selection == "kv_head", [np.inf]
     outputs = [
@@ -255,19 +252,6 @@ def test_two_pass_prompt_reads_chunks_as_two_pass_carry_and_tokens_as_one_pass_f
     assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
 
 
-# As above, with calls that start inside a chunk and pieces shorter than a chunk's tail.
-@pytest.mark.parametrize("L, F, filter_layer", [(32, 32, 1), (32, 56, 0), (32, 56, 2)])
-@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [47, 17, 25, 31]), ("grouped", [61, 30] + [1] * 29), ("grouped", [41, 2, 3, 5, 7, 11, 13, 38])])
-def test_two_pass_tail_reads_a_chunks_last_queries_as_two_pass_carry_and_the_rest_as_one_pass_filter(L, F, filter_layer, prefill, steps):
-    """Three layers: of a group of several queries (a prompt's chunk) the last quarter
-    gives every layer the most peaked layer's choice, as "two_pass_carry"; the queries
-    before them, and a group of one (a decoded token), the filter layer's, as
-    "one_pass_filter" (the numpy rule)."""
-    config = LongHeadsConfig(8, L, selection="two_pass_tail", prefill=prefill, full_attention_length=F,
-                             filter_layer=filter_layer)
-    assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
-
-
 @pytest.mark.parametrize("selection", LINKED_SELECTIONS)
 def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
@@ -381,25 +365,6 @@ def test_two_pass_prompt_measures_every_layer_per_prompt_chunk_and_the_filter_la
     chunks = (prompt - L) // w
     assert [calls[i * 3 : i * 3 + 3] for i in range(chunks)] == [caches] * chunks
     assert calls[3 * chunks :] == [caches[1]] * decoded
-
-
-def test_two_pass_tail_reads_a_prompts_chunk_in_a_quarter_more_than_one_pass(monkeypatch):
-    """A prompt's chunk past F: w + w/4 queries through the model (its last quarter in
-    two passes): the filter layer measured by the newest query before that quarter,
-    then every layer by the quarter's newest; a decoded token: one pass, the filter
-    layer measured."""
-    w, L, prompt, decoded = 8, 32, 64, 11
-    calls = counted_measurements(monkeypatch)
-    appended, append = [], LongHeadsCache.append
-    monkeypatch.setattr(LongHeadsCache, "append", lambda cache, q, *a: appended.append((cache, q.shape[2])) or append(cache, q, *a))
-    config = LongHeadsConfig(w, L, selection="two_pass_tail", filter_layer=1)
-    layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(3)]
-    _, caches = run_layers(layers, config, [prompt] + [1] * decoded)
-    chunks = (prompt - L) // w
-    assert config.tail_queries == w // 4
-    assert sum(tokens for cache, tokens in appended if cache is caches[0]) == L + chunks * (w + w // 4) + decoded
-    assert [calls[i * 4 : i * 4 + 4] for i in range(chunks)] == [[caches[1], *caches]] * chunks
-    assert calls[4 * chunks :] == [caches[1]] * decoded
 
 
 @settings(max_examples=60, deadline=None)
