@@ -58,6 +58,8 @@ SELECTION_NOTES = {
     "and the layers after it, and the layers before it take the earlier group's choice.",
     "two_pass_prompt": "a group of several queries (a prompt's chunk) as two_pass_carry, a group of "
     "one (a decoded token, and the prompt's last) as one_pass_filter; each carries the other's choice.",
+    "two_pass_checked": "as two_pass_prompt, but a prompt chunk's first pass has the chunk before's "
+    "choice in every layer, and its second pass runs only where the chunk's choice is another.",
     "two_pass_reuse": "as two_pass_carry, but a decoded token with a choice noted in the w tokens "
     "before it takes that choice without a first pass (a faster decode).",
     "pooled": "half the retrieved slots hold the chunks the layer's heads attend to most together "

@@ -119,6 +119,9 @@ class CountingCarryRelay(CarryRelay):
 
     def between_passes(self, cache, tokens):
         self.counts.update(self.winner.reshape(-1).tolist())
+        if cache.choices is None:  # the first group past F: no choice noted before it
+            self.groups += 1
+            return super().between_passes(cache, tokens)
         share, recent = cache.recent_choice(cache.offset, self.span)
         super().between_passes(cache, tokens)
         kept = top_chunks(self.best[0][0][:, 0], self.shared)
