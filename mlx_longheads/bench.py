@@ -61,7 +61,6 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
     "longheads-filter": LongHeadsConfig(selection="one_pass_filter"),  # one pass, a calibrated filter layer
     "longheads-carry": LongHeadsConfig(selection="two_pass_carry"),  # each group twice past F, a token too
-    "longheads-checked": LongHeadsConfig(selection="two_pass_checked"),  # a chunk's second pass where its choice changed
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats

@@ -3,11 +3,10 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_prompt", "two_pass_checked", "query_head", "kv_head"]
-SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "two_pass_checked", "query_head", "kv_head")
-LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "two_pass_checked")
-# A calibrated filter layer chooses for a decoded token.
-FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt", "two_pass_checked")
+Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_prompt", "query_head", "kv_head"]
+SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "query_head", "kv_head")
+LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt")
+FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt")  # a calibrated filter layer chooses
 # Selections that lost their comparison, when they left the library and what answers what
 # they did (docs/evaluation.md has their results and the commits that removed them).
 REMOVED_SELECTIONS = {
@@ -18,6 +17,7 @@ REMOVED_SELECTIONS = {
     "two_pass_reuse": ("2026-12-03", "one_pass_filter, at the paper's reads,"),
     "one_pass_prompt": ("2026-12-03", "two_pass_prompt"),
     "two_pass_tail": ("2026-12-03", "two_pass_prompt"),
+    "two_pass_checked": ("2026-12-03", "two_pass_prompt"),
 }
 Prefill = Literal["grouped", "exact"]
 
@@ -59,9 +59,6 @@ class LongHeadsConfig:
       the layers after it and, at the next group, of the layers before it
       (`longheads.FilterRelay`): what "two_pass_carry" shares, at about the paper's
       reads (one layer's keys, not every layer's, and the weights once).
-      "two_pass_checked": as "two_pass_prompt", but a prompt chunk's first pass has the
-      chunk before's choice in every layer, and its second runs only where the chunk's
-      choice is another (`longheads.CheckedCarryRelay`): a cheaper prefill.
       "query_head": the paper's rule, each query head picks its chunks by q . rep_c;
       "kv_head": the paper's rule per KV head (the scores of a GQA group summed).
     prefill: "grouped" lets the queries of one chunk within one forward call share a
@@ -197,7 +194,7 @@ class LongHeadsConfig:
         if self.filter_layer is not None and (not self.filters or self.filter_layer < 0):
             raise ConfigError(
                 f"filter_layer {self.filter_layer} applies to the "
-                f"{', '.join(FILTERING_SELECTIONS)} selections only, as a layer index from 0: "
+                f"{' and '.join(FILTERING_SELECTIONS)} selections only, as a layer index from 0: "
                 "drop it or set selection='one_pass_filter'"
             )
         if self.prefill not in ("grouped", "exact"):

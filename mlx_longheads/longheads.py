@@ -256,83 +256,39 @@ class CarryRelay:
     def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
         """One group's two passes through `forward` (the model's, or layers', call on its
         `tokens` queries): the first, then the caches rolled back and the second, whose
-        result is returned (the first's where `first_pass_holds`)."""
+        result is returned."""
         self.replaying = False
-        first = forward()
-        start = caches[0].offset - tokens
-        self.between_passes(caches[0], start, tokens)
-        if self.first_pass_holds():
-            return first
+        forward()
         # Evaluated before the roll-back: no read of the first pass is pending
         # when the second writes over its keys and values (no buffer copies).
         mx.eval([best for best, _ in self.best.values()], [c.buffers for c in caches])
         if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
             raise RuntimeError("the first pass could not be rolled back exactly")
+        self.between_passes(caches[0], tokens)
         self.replaying = True
         try:
             return forward()
         finally:
             self.replaying = False
 
-    def between_passes(self, cache: LongHeadsCache, start: int, tokens: int) -> None:
-        """Note the choice of the group at `start` and keep the most peaked of it and
-        the recent ones."""
+    def between_passes(self, cache: LongHeadsCache, tokens: int) -> None:
+        """Note the group's choice and keep the most peaked of it and the recent ones
+        (the cache trimmed back to the group's start)."""
         ((pooled, share),) = self.best.values()  # one group per piece past F
         pooled, share = pooled[:, 0], share[:, 0]  # [B, C], [B]
         chunks = top_chunks(pooled, self.shared)
-        cache.record_choice(start, tokens, share, chunks)
-        carried, carried_share = recent_choice(cache, start, self.span, pooled.shape[-1])
+        cache.record_choice(cache.offset, tokens, share, chunks)
+        carried, carried_share = recent_choice(cache, self.span, pooled.shape[-1])
         keep = carried_share > share
         pooled = mx.where(keep[:, None], carried, pooled)
         self.best = {0: (pooled[:, None], mx.maximum(share, carried_share)[:, None])}
 
-    def first_pass_holds(self) -> bool:
-        """Whether the first pass already had the shared chunks the second would have."""
-        return False
 
-
-class CheckedCarryRelay(CarryRelay):
-    """What "two_pass_checked" carries for a group of several queries (a prompt's chunk):
-    `CarryRelay`'s choice, its first pass given the recent choice (the most peaked noted
-    in the `span` tokens before the group) in every layer's shared slots, and the second
-    pass run only where the group's kept choice is not that one.
-
-    Where it is, the second pass would repeat the first exactly, so a prompt's chunk
-    costs one pass when its choice carries over from the chunk before and two when it
-    changes; every layer is measured once per chunk as before.
-    """
-
-    def __init__(self, shared: int, span: int, full_length: int):
-        super().__init__(shared, span)
-        self.full_length = full_length
-        self.guess: Optional[mx.array] = None  # [B, 1, C]: the first pass's shared chunks
-
-    def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
-        cache = caches[0]
-        self.guess = None
-        if cache.choices is not None and cache.offset > self.full_length:
-            n_chunks = (cache.offset + tokens) // cache.chunk_size
-            self.guess = recent_choice(cache, cache.offset, self.span, n_chunks)[0][:, None]
-        return super().run(forward, caches, tokens)
-
-    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> mx.array:
-        """As `CarryRelay.choose`, but the first pass follows the guess where there is one."""
-        pooled = super().choose(layer, block, measure)
-        return pooled if self.replaying or self.guess is None else self.guess
-
-    def first_pass_holds(self) -> bool:
-        if self.guess is None:
-            return False
-        kept = mx.sort(top_chunks(self.best[0][0][:, 0], self.shared), axis=-1)
-        guessed = mx.sort(top_chunks(self.guess[:, 0], self.shared), axis=-1)
-        return bool(mx.all(kept == guessed).item())
-
-
-def recent_choice(cache: LongHeadsCache, start: int, span: int, n_chunks: int) -> Tuple[mx.array, mx.array]:
-    """The most peaked choice noted in the `span` tokens before `start`, as a pooled
-    attention [B, n_chunks] (1 on its chunks, 0 elsewhere), and its share [B] (-1 where
-    none was noted)."""
-    share, chunks = cache.recent_choice(start, span)
+def recent_choice(cache: LongHeadsCache, span: int, n_chunks: int) -> Tuple[mx.array, mx.array]:
+    """The most peaked choice noted in the `span` tokens before the cache's offset, as a
+    pooled attention [B, n_chunks] (1 on its chunks, 0 elsewhere), and its share [B]
+    (-1 where none was noted)."""
+    share, chunks = cache.recent_choice(cache.offset, span)
     return chunk_mask(chunks, n_chunks).astype(mx.float32), share
 
 
@@ -373,7 +329,7 @@ class FilterRelay:
         cache = caches[0]
         self.carried = None
         if cache.choices is not None and cache.offset > self.full_length:
-            carried, share = recent_choice(cache, cache.offset, self.span, (cache.offset + tokens) // cache.chunk_size)
+            carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
             self.carried = (carried[:, None], share[:, None])
         out = forward()
         pooled, share = self.fresh

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .calibrate import filter_layer
-from .longheads import CarryRelay, CheckedCarryRelay, FilterRelay, PromptCarryRelay, longheads_attention
+from .longheads import CarryRelay, FilterRelay, PromptCarryRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -148,12 +148,7 @@ def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
     F = config.full_chunks * config.chunk_size
     carry = CarryRelay(config.shared_slots, config.chunk_size)
     filter = FilterRelay(config.shared_slots, config.chunk_size, F, config.filter_layer)
-    relays = {
-        "two_pass_carry": carry,
-        "one_pass_filter": filter,
-        "two_pass_prompt": PromptCarryRelay(carry, filter),
-        "two_pass_checked": PromptCarryRelay(CheckedCarryRelay(config.shared_slots, config.chunk_size, F), filter),
-    }
+    relays = {"two_pass_carry": carry, "one_pass_filter": filter, "two_pass_prompt": PromptCarryRelay(carry, filter)}
     return relays.get(config.selection)
 
 

@@ -20,9 +20,16 @@ peaked of every layer up to it): 0.3% behind two_pass_carry on these 4,096 token
 results/perplexity_gap_tail.md ran, at 688c56d, another rule that has left the library
 ("two_pass_tail": a chunk's last quarter of queries in two passes, the rest in one): on
 positions 8193-10240 all three rules it ran were within 0.5%, where the eval's 8-16k put
-it 8% behind two_pass_prompt.
+it 8% behind two_pass_prompt. results/perplexity_gap_checked.md ran, at fef0a07, a third
+("two_pass_checked": a chunk's second pass only where its choice changed), 0.3% ahead of
+two_pass_prompt there and 1.4% behind on the eval's 8-16k.
 
-All three score the same tokens after the same prefix (inside F, the model's own
+The table also scores a chunk's first three quarters and its last quarter apart, and counts
+the token passes a scored token took (a chunk run twice counts twice); the rules
+"two_pass_prompt" (the default) and "query_head" (the per-head rule) give the default's and
+the paper's cost on real text beside the others.
+
+All rules score the same tokens after the same prefix (inside F, the model's own
 attention, prefilled once), fed in the eval's 2048-token blocks.
 
   python scripts/perplexity_gap_study.py --index 0 --tokens 4096 --output results/perplexity_gap_study.md
@@ -169,11 +176,14 @@ RULES = {
     "one_pass_filter, the calibration's best three layers filtering": (FILTER, with_filter_layers(3)),
     "two_pass_carry": (LongHeadsConfig(selection="two_pass_carry"), counting),
     "two_pass_prompt": (LongHeadsConfig(selection="two_pass_prompt"), None),
+    "query_head": (LongHeadsConfig(selection="query_head"), None),
 }
 
 
 def layers_of(relay) -> str:
     """Which layers chose: the filter layers, or how often each was the most peaked."""
+    if relay is None:
+        return "each head its own"
     if isinstance(relay, CountingCarryRelay):
         return (
             "most peaked (groups): " + ", ".join(f"{layer} ({n})" for layer, n in relay.counts.most_common())
@@ -204,6 +214,8 @@ def main() -> None:
         cache = model.make_cache()
         for layer, kept in zip(cache, prefix):
             layer.state = tree_map(lambda a: mx.array(a) if isinstance(a, mx.array) else a, kept)
+        appended, append = [], cache[0].append
+        cache[0].append = lambda q, *a: appended.append(q.shape[2]) or append(q, *a)  # token passes, counted
         tic = time.perf_counter()
         nll = token_nll(model, tokens[F:], cache, lambda done, total: print(f"\r{name}: {done}/{total}", end="", flush=True))
         seconds = time.perf_counter() - tic
@@ -211,7 +223,7 @@ def main() -> None:
         w = model.layers[0].self_attn.config.chunk_size
         offsets = [(F + i) % w for i in range(len(nll))]  # the scored query's place in its chunk
         parts = [[x for x, o in zip(nll, offsets) if o < w - w // 4], [x for x, o in zip(nll, offsets) if o >= w - w // 4]]
-        rows.append((name, math.exp(sum(nll) / len(nll)), *[math.exp(sum(h) / len(h)) for h in halves + parts], sum(nll), seconds, layers_of(model.relay)))
+        rows.append((name, math.exp(sum(nll) / len(nll)), *[math.exp(sum(h) / len(h)) for h in halves + parts], sum(appended) / len(nll), sum(nll), seconds, layers_of(getattr(model, "relay", None))))
         print(f"\n{rows[-1]}", flush=True)
     lines = [
         "# Where one_pass_filter's perplexity past F differs from two_pass_carry's",
@@ -225,9 +237,9 @@ def main() -> None:
         "",
         "Queries before a chunk's last quarter and in it scored apart (where reading a chunk in two parts would differ).",
         "",
-        "| rule | perplexity | first half | second half | chunk's first 3/4 | chunk's last 1/4 | summed loss (nats) | seconds | choosing layers |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *[f"| {n} | {p:.3f} | {a:.3f} | {b:.3f} | {h:.3f} | {q:.3f} | {s:.1f} | {t:.0f} | {c} |" for n, p, a, b, h, q, s, t, c in rows],
+        "| rule | perplexity | first half | second half | chunk's first 3/4 | chunk's last 1/4 | passes a token | summed loss (nats) | seconds | choosing layers |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[f"| {n} | {p:.3f} | {a:.3f} | {b:.3f} | {h:.3f} | {q:.3f} | {r:.2f} | {s:.1f} | {t:.0f} | {c} |" for n, p, a, b, h, q, r, s, t, c in rows],
     ]
     write_report(lines, args.output)
 

@@ -137,10 +137,8 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
       - "one_pass_filter": the layers from `filter_layer` on share the top chunks of
         that layer's pooled mass; the layers before it take the earlier group's chunks
         below (none where no group noted one: each head ranks all its slots);
-      - "two_pass_prompt" and "two_pass_checked": a group of several queries as
-        "two_pass_carry", a group of one as "one_pass_filter" (the layers here do not
-        depend on each other, so the first pass's choice, where the two differ, changes
-        no measurement);
+      - "two_pass_prompt": a group of several queries as "two_pass_carry", a group of
+        one as "one_pass_filter";
     in each case replaced, where it is larger, by the share and top chunks noted by an
     earlier group whose newest query is among the w tokens before the group's first.
     Each group notes its own top chunks and share (the mass the rule measured)."""
@@ -166,7 +164,7 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
         if newest // w < (F or L) // w:
             continue
         carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
-        two_passes = selection == "two_pass_carry" or (selection != "one_pass_filter" and len(members) > 1)
+        two_passes = selection == "two_pass_carry" or (selection == "two_pass_prompt" and len(members) > 1)
         mass, share = most_peaked(newest) if two_passes else mass_and_share(filter_layer, newest)
         earlier = [noted[p] for p in noted if first - w <= p < first]
         before[newest] = after[newest] = mass

@@ -10,7 +10,6 @@ from hypothesis import given, settings, strategies as st
 from mlx import nn
 
 from mlx_longheads import longheads
-from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import FILTERING_SELECTIONS, LINKED_SELECTIONS, SELECTIONS, LongHeadsConfig
 from mlx_longheads.longheads import (
     chunk_representations,
@@ -251,47 +250,6 @@ def test_two_pass_prompt_reads_chunks_as_two_pass_carry_and_tokens_as_one_pass_f
     config = LongHeadsConfig(8, L, selection="two_pass_prompt", prefill=prefill, full_attention_length=F,
                              filter_layer=filter_layer)
     assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
-
-
-@pytest.mark.parametrize("L, F, filter_layer", [(32, 32, 1), (32, 56, 0), (32, 56, 2)])
-@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [47, 17, 25, 31]), ("grouped", [61, 30] + [1] * 29)])
-def test_two_pass_checked_chooses_as_two_pass_prompt(L, F, filter_layer, prefill, steps):
-    """Three layers that do not depend on each other, so the first pass's choice changes
-    no measurement: the choices, and so the outputs, of "two_pass_prompt" (the numpy rule)."""
-    config = LongHeadsConfig(8, L, selection="two_pass_checked", prefill=prefill, full_attention_length=F,
-                             filter_layer=filter_layer)
-    assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
-
-
-def appended_tokens(monkeypatch):
-    """The list of (cache, tokens) every later `LongHeadsCache.append` adds to."""
-    appended, append = [], LongHeadsCache.append
-    monkeypatch.setattr(LongHeadsCache, "append", lambda cache, q, *a: appended.append((cache, q.shape[2])) or append(cache, q, *a))
-    return appended
-
-
-@pytest.mark.parametrize("focused", [True, False])
-def test_two_pass_checked_runs_a_chunks_second_pass_only_where_its_choice_changed(monkeypatch, focused):
-    """A prompt whose every query attends to one chunk (focused): each chunk past F after
-    the first keeps the chunk before's choice, so it goes through the model once; with
-    random queries some choices change and those chunks go through twice. Either way
-    the outputs are "two_pass_prompt"'s."""
-    w, L, n, needle = 8, 32, 96, 2
-    q, k, v = random_qkv(n, seed=50)
-    if focused:
-        k[:, needle * w : (needle + 1) * w] = 0
-        k[:, needle * w : (needle + 1) * w, 0] = 8
-        q[:] = 0
-        q[:, :, 0] = 8
-    layers = [(q, k, v), random_qkv(n, seed=51)]
-    appended = appended_tokens(monkeypatch)
-    checked, caches = run_layers(layers, LongHeadsConfig(w, L, selection="two_pass_checked", filter_layer=1), [n])
-    read = sum(tokens for cache, tokens in appended if cache is caches[0])
-    prompt, _ = run_layers(layers, LongHeadsConfig(w, L, selection="two_pass_prompt", filter_layer=1), [n])
-    chunks = (n - L) // w
-    assert read == n + w if focused else n + w < read < n + chunks * w
-    for out, want in zip(checked, prompt):
-        np.testing.assert_allclose(out, want, atol=2e-5)
 
 
 @pytest.mark.parametrize("selection", LINKED_SELECTIONS)
