@@ -19,7 +19,7 @@ peaked of every layer up to it): 0.3% behind two_pass_carry on these 4,096 token
 6.6% on the eval's 8-16k, so this window does not rank rules reliably.
 results/perplexity_gap_tail.md ran, at 688c56d, another rule that has left the library
 ("two_pass_tail": a chunk's last quarter of queries in two passes, the rest in one): on
-positions 8193-10240 all three rules it ran were within 0.5%, where the eval's 8-16k put
+positions 8193-10240 all three rules it ran were within 0.8%, where the eval's 8-16k put
 it 8% behind two_pass_prompt. results/perplexity_gap_checked.md ran, at fef0a07, a third
 ("two_pass_checked": a chunk's second pass only where its choice changed), 0.3% ahead of
 two_pass_prompt there and 1.4% behind on the eval's 8-16k.
@@ -221,8 +221,8 @@ def main() -> None:
         seconds = time.perf_counter() - tic
         halves = [nll[: len(nll) // 2], nll[len(nll) // 2 :]]
         w = model.layers[0].self_attn.config.chunk_size
-        offsets = [(F + i) % w for i in range(len(nll))]  # the scored query's place in its chunk
-        parts = [[x for x, o in zip(nll, offsets) if o < w - w // 4], [x for x, o in zip(nll, offsets) if o >= w - w // 4]]
+        in_tail = [(F + i) % w >= w - w // 4 for i in range(len(nll))]  # the scored query in its chunk's last quarter
+        parts = [[x for x, tail in zip(nll, in_tail) if not tail], [x for x, tail in zip(nll, in_tail) if tail]]
         rows.append((name, math.exp(sum(nll) / len(nll)), *[math.exp(sum(h) / len(h)) for h in halves + parts], sum(appended) / len(nll), sum(nll), seconds, layers_of(getattr(model, "relay", None))))
         print(f"\n{rows[-1]}", flush=True)
     lines = [
