@@ -32,8 +32,16 @@ the paper's cost on real text beside the others.
 All rules score the same tokens after the same prefix (inside F, the model's own
 attention, prefilled once), fed in the eval's 2048-token blocks.
 
+With --decoded N the text is fed in periods of --period tokens instead: each period's
+tokens but its last N in one call (read as a prompt), then those N one at a time, as
+decoded tokens are. The eval's perplexity scores a chunk's queries on the choice its
+newest query made after reading the tokens scored, a look-ahead a decoded token never
+has; the N tokens' loss has none, and it reads a cache the rule's prompt reading built.
+
   python scripts/perplexity_gap_study.py --index 0 --tokens 4096 --output results/perplexity_gap_study.md
   (--rule NAME, repeated: only those rules)
+  python scripts/perplexity_gap_study.py --index 0 --tokens 8192 --decoded 64 --output results/decoded_loss.md \
+      --rule two_pass_prompt --rule one_pass_filter --rule query_head --rule two_pass_carry
 """
 
 import argparse
@@ -192,16 +200,38 @@ def layers_of(relay) -> str:
     return ", ".join(map(str, getattr(relay, "layers", [filter_relay(relay).layer])))
 
 
+def period_nll(model, tokens, cache, period: int, decoded: int, progress):
+    """-log p(token i | tokens < i) for i = 1..n-1, each period's inputs but its last
+    `decoded` in one call, those one at a time; and which were fed one at a time."""
+    nll, fed_alone = [], []
+    for start in range(0, len(tokens) - 1, period):
+        stop = min(start + period, len(tokens) - 1)
+        calls = [(start, max(start, stop - decoded))] + [(i, i + 1) for i in range(max(start, stop - decoded), stop)]
+        for lo, hi in calls:
+            if lo == hi:
+                continue
+            logits = model(mx.array(tokens[lo:hi])[None], cache=cache)[0].astype(mx.float32)
+            target = mx.array(tokens[lo + 1 : hi + 1])[:, None]
+            loss = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, target, axis=-1)[:, 0]
+            mx.eval(loss, [c.state for c in cache])
+            nll += loss.tolist()
+            fed_alone += [hi - lo == 1] * (hi - lo)
+        progress(stop, len(tokens) - 1)
+    return nll, fed_alone
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--index", type=int, default=0, help="the eval's perplexity text")
     parser.add_argument("--tokens", type=int, default=4096, help="positions scored after F")
     parser.add_argument("--output", type=Path, required=True)
     parser.add_argument("--rule", action="append", choices=RULES, help="run this rule (repeat; default: all)")
+    parser.add_argument("--decoded", type=int, default=0, help="the last N tokens of each period fed one at a time")
+    parser.add_argument("--period", type=int, default=512, help="tokens a period (with --decoded)")
     args = parser.parse_args()
     rules = {name: RULES[name] for name in args.rule or RULES}
     version = code_version()
-    rows, prefix = [], None
+    rows, prefix, scored_apart = [], None, []
     for name, (config, adapt) in rules.items():
         model, tokenizer = load(None, longheads=config)
         if adapt:
@@ -217,29 +247,50 @@ def main() -> None:
         appended, append = [], cache[0].append
         cache[0].append = lambda q, *a: appended.append(q.shape[2]) or append(q, *a)  # token passes, counted
         tic = time.perf_counter()
-        nll = token_nll(model, tokens[F:], cache, lambda done, total: print(f"\r{name}: {done}/{total}", end="", flush=True))
+        progress = lambda done, total: print(f"\r{name}: {done}/{total}", end="", flush=True)
+        if args.decoded:
+            nll, fed_alone = period_nll(model, tokens[F:], cache, args.period, args.decoded, progress)
+        else:
+            nll, fed_alone = token_nll(model, tokens[F:], cache, progress), []
         seconds = time.perf_counter() - tic
         halves = [nll[: len(nll) // 2], nll[len(nll) // 2 :]]
         w = model.layers[0].self_attn.config.chunk_size
-        in_tail = [(F + i) % w >= w - w // 4 for i in range(len(nll))]  # the scored query in its chunk's last quarter
-        parts = [[x for x, tail in zip(nll, in_tail) if not tail], [x for x, tail in zip(nll, in_tail) if tail]]
+        # scored apart: with --decoded the tokens fed one at a time, else a chunk's last quarter
+        apart = fed_alone or [(F + i) % w >= w - w // 4 for i in range(len(nll))]
+        parts = [[x for x, a in zip(nll, apart) if not a], [x for x, a in zip(nll, apart) if a]]
+        scored_apart.append(parts[1])
         rows.append((name, math.exp(sum(nll) / len(nll)), *[math.exp(sum(h) / len(h)) for h in halves + parts], sum(appended) / len(nll), sum(nll), seconds, layers_of(getattr(model, "relay", None))))
         print(f"\n{rows[-1]}", flush=True)
+    if args.decoded:
+        fed = f"in periods of {args.period} tokens: all but the last {args.decoded} in one call, those one at a time"
+        columns = ("read in one call", "fed one at a time")
+        options = f" --decoded {args.decoded} --period {args.period}"
+    else:
+        fed, columns, options = "in the eval's 2048-token blocks", ("chunk's first 3/4", "chunk's last 1/4"), ""
+    first = scored_apart[0]
+    differences = []  # each rule's mean loss on the tokens scored apart, less the first rule's, paired by token
+    for name, losses in zip(rules, scored_apart):
+        d = [b - a for a, b in zip(first, losses)]
+        mean = sum(d) / len(d)
+        spread = math.sqrt(sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1) / len(d))
+        differences.append(f"- {name}: {mean:+.4f} ± {2 * spread:.4f} nats a token ({len(d)} tokens)")
     lines = [
         "# Where one_pass_filter's perplexity past F differs from two_pass_carry's",
         "",
         f"Commit {version}; SmolLM2-135M-Instruct, float32, the CPU; the eval's perplexity text "
-        f"{args.index}, positions {F + 1} to {F + args.tokens} (after a {F}-token prefix, F), in the "
-        "eval's 2048-token blocks.",
+        f"{args.index}, positions {F + 1} to {F + args.tokens} (after a {F}-token prefix, F), fed {fed}.",
         "",
-        f"`python scripts/perplexity_gap_study.py --index {args.index} --tokens {args.tokens} --output {args.output}"
+        f"`python scripts/perplexity_gap_study.py --index {args.index} --tokens {args.tokens}{options} --output {args.output}"
         + "".join(f" --rule '{name}'" for name in args.rule or []) + "`",
         "",
-        "Queries before a chunk's last quarter and in it scored apart (where reading a chunk in two parts would differ).",
-        "",
-        "| rule | perplexity | first half | second half | chunk's first 3/4 | chunk's last 1/4 | passes a token | summed loss (nats) | seconds | choosing layers |",
+        f"| rule | perplexity | first half | second half | {columns[0]} | {columns[1]} | passes a token | summed loss (nats) | seconds | choosing layers |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *[f"| {n} | {p:.3f} | {a:.3f} | {b:.3f} | {h:.3f} | {q:.3f} | {r:.2f} | {s:.1f} | {t:.0f} | {c} |" for n, p, a, b, h, q, r, s, t, c in rows],
+        "",
+        f"The tokens of the column \"{columns[1]}\", each rule's mean loss less the first rule's on the same "
+        "tokens (± two standard errors of the paired differences):",
+        "",
+        *differences,
     ]
     write_report(lines, args.output)
 
