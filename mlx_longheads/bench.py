@@ -46,6 +46,7 @@ from mlx_lm.models.cache import KVCache, make_prompt_cache
 
 from .cache import LongHeadsCache
 from .config import LongHeadsConfig
+from .eval import code_version
 from .generation import format_context_length, parse_context_length
 from .longheads import longheads_attention
 from .memory import WORKSPACE_BYTES, available_bytes, cache_bytes, kv_element_bytes, weight_bytes
@@ -441,7 +442,7 @@ def markdown(report: dict, command: str) -> str:
     lines = [
         f"# {'Model' if report['kind'] == 'model' else 'Kernel (one attention layer)'}-level benchmark",
         "",
-        f"Command: `{command}`",
+        f"Command: `{command}`, at commit {report.get('commit', 'not recorded')}.",
         "",
         f"Machine: {report['machine']['platform']}, {report['machine']['processor']}, "
         f"{report['machine']['device']}, MLX {report['machine']['mlx']}, mlx-lm {report['machine']['mlx_lm']}. "
@@ -588,7 +589,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     command = "python -m mlx_longheads.bench " + " ".join(sys.argv[1:] if argv is None else argv)
     report = kernel_bench(args) if args.kernel else model_bench(args)
-    report.update(machine=machine(), command=command)
+    report.update(machine=machine(), command=command, commit=code_version())
     report["goals"] = goals(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")

@@ -12,6 +12,7 @@ from conftest import tiny_model
 from mlx_longheads import bench
 from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
+from mlx_longheads.eval import code_version
 from mlx_longheads.longheads import chunk_representations, longheads_attention
 from mlx_longheads.models import LinkedCall, apply_longheads
 
@@ -38,6 +39,7 @@ def test_model_bench_writes_json_markdown_and_plot(tmp_path, tiny_load):
     )
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["command"].startswith("python -m mlx_longheads.bench --contexts 256,512")
+    assert saved["commit"] == code_version()  # the code that made the record
     assert {(r["context"], r["method"]) for r in saved["results"]} == {
         (c, m) for c in (256, 512) for m in ("longheads", "longheads-head", "full")
     }
@@ -48,6 +50,7 @@ def test_model_bench_writes_json_markdown_and_plot(tmp_path, tiny_load):
         assert ("prefill_tokens_per_s" in r) == has_prefill
     assert any(g["goal"].startswith("longheads: decode") for g in report["goals"])
     assert "| 512 | longheads |" in out.with_suffix(".md").read_text()
+    assert f"at commit {code_version()}." in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
     # The bytes a decoded token reads: for the run's model beside its times, and at
     # Llama-3-8B shapes at 32k and 128k, where the default reads most of stock's.
