@@ -37,8 +37,9 @@ tokens but its last N in one call (read as a prompt), then those N one at a time
 decoded tokens are. The eval's perplexity scores a chunk's queries on the choice its
 newest query made after reading the tokens scored, a look-ahead a decoded token never
 has; the N tokens' loss has none, and it reads a cache the rule's prompt reading built.
-results/decoded_loss.md and decoded_loss_1.md ran so at b2b3e07 (texts 0 and 1), and
-results/decoded_loss_tail.md the removed "two_pass_tail" at f091fb3.
+results/decoded_loss.md and decoded_loss_1.md ran so at b2b3e07 (texts 0 and 1),
+results/decoded_loss_tail.md the removed "two_pass_tail" at f091fb3, and
+results/decoded_loss_one_pass_prompt.md the removed "one_pass_prompt" at e670f16.
 
   python scripts/perplexity_gap_study.py --index 0 --tokens 4096 --output results/perplexity_gap_study.md
   (--rule NAME, repeated: only those rules)
