@@ -369,19 +369,22 @@ def position_buckets(n: int) -> List[Tuple[int, int]]:
     return list(zip(edges, edges[1:]))
 
 
+def call_nll(model: nn.Module, inputs: List[int], targets: List[int], cache) -> List[float]:
+    """The model called once on `inputs` after what `cache` holds: -log p of each target."""
+    logits = model(mx.array(inputs)[None], cache=cache)[0].astype(mx.float32)
+    picked = mx.take_along_axis(logits, mx.array(targets)[:, None], axis=-1)[:, 0]
+    nll = mx.logsumexp(logits, axis=-1) - picked
+    mx.eval(nll, [c.state for c in cache])
+    return nll.tolist()
+
+
 def token_nll(model: nn.Module, tokens: List[int], cache, progress) -> List[float]:
     """-log p(token i | tokens < i) for i = 1..n-1, the model called in PREFILL_STEP blocks."""
     inputs, targets = tokens[:-1], tokens[1:]
     nll: List[float] = []
     progress(0, len(inputs))
     for start in range(0, len(inputs), PREFILL_STEP):
-        block = mx.array(inputs[start : start + PREFILL_STEP])[None]
-        logits = model(block, cache=cache)[0].astype(mx.float32)
-        target = mx.array(targets[start : start + PREFILL_STEP])[:, None]
-        picked = mx.take_along_axis(logits, target, axis=-1)[:, 0]
-        block_nll = mx.logsumexp(logits, axis=-1) - picked
-        mx.eval(block_nll, [c.state for c in cache])
-        nll += block_nll.tolist()
+        nll += call_nll(model, inputs[start : start + PREFILL_STEP], targets[start : start + PREFILL_STEP], cache)
         mx.clear_cache()
         progress(min(start + PREFILL_STEP, len(inputs)), len(inputs))
     return nll

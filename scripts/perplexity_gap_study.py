@@ -60,7 +60,7 @@ import mlx.core as mx
 from mlx.utils import tree_map
 
 from mlx_longheads import LongHeadsConfig, load
-from mlx_longheads.eval import code_version, prefilled, token_nll
+from mlx_longheads.eval import call_nll, code_version, prefilled, token_nll
 from mlx_longheads.calibrate import fingerprint
 from mlx_longheads.models import filter_relay
 from mlx_longheads.longheads import CarryRelay, FilterRelay, peakedness, top_chunks
@@ -213,11 +213,7 @@ def period_nll(model, tokens, cache, period: int, decoded: int, progress):
         for lo, hi in calls:
             if lo == hi:
                 continue
-            logits = model(mx.array(tokens[lo:hi])[None], cache=cache)[0].astype(mx.float32)
-            target = mx.array(tokens[lo + 1 : hi + 1])[:, None]
-            loss = mx.logsumexp(logits, axis=-1) - mx.take_along_axis(logits, target, axis=-1)[:, 0]
-            mx.eval(loss, [c.state for c in cache])
-            nll += loss.tolist()
+            nll += call_nll(model, tokens[lo:hi], tokens[lo + 1 : hi + 1], cache)
             fed_alone += [hi - lo == 1] * (hi - lo)
         progress(stop, len(tokens) - 1)
     return nll, fed_alone
