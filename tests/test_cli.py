@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import mlx.core as mx
 import numpy as np
@@ -166,19 +167,25 @@ def test_a_bad_max_context_string_is_refused(capfd):
 
 def test_ctrl_c_ends_generation_with_exit_status_130(embedded_folder):
     """SIGINT once the answer has begun: exit status 130 (128 + SIGINT), no traceback.
-    The child takes SIGINT's default action as a terminal gives it: a suite started in
-    the background by a shell inherits SIGINT ignored, and Python keeps it so."""
+    The child installs Python's own SIGINT handler first, as a terminal-started Python has
+    it: a suite started in the background inherits SIGINT ignored, and Python keeps that.
+    (Not `preexec_fn`: code run between fork and exec can deadlock on a lock another
+    thread of the suite held.) A watchdog kills a stuck child, so the test fails, never hangs."""
+    run_generate = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                    "runpy.run_module('mlx_longheads.generate', run_name='__main__', alter_sys=True)")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlx_longheads.generate", "--ignore-chat-template",
+        [sys.executable, "-c", run_generate, "--ignore-chat-template",
          "--prompt", "1, 2, 3, 4, 5,", "--max-tokens", "500"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+    watchdog = threading.Timer(300, process.kill)
+    watchdog.start()
     try:
         assert process.stdout.read(1), process.stderr.read().decode()
         process.send_signal(signal.SIGINT)
         _, stderr = process.communicate(timeout=120)
     finally:
+        watchdog.cancel()
         process.kill()
     assert process.returncode == 130, stderr.decode()
     assert "Traceback" not in stderr.decode()
