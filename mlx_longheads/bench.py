@@ -62,6 +62,7 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
     "longheads-filter": LongHeadsConfig(selection="one_pass_filter"),  # one pass, a calibrated filter layer
     "longheads-carry": LongHeadsConfig(selection="two_pass_carry"),  # each group twice past F, a token too
+    "longheads-one-pass": LongHeadsConfig(selection="one_pass_prompt"),  # a prompt chunk once, a token once
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
@@ -453,7 +454,8 @@ def markdown(report: dict, command: str) -> str:
         f"LongHeads: {report['longheads']}; `longheads-head` selects per query head (the paper's rule), "
         "`longheads-kv` per KV head; "
         "`longheads-q8` stores keys and values in 8 bits (kv_bits=8); `longheads-filter` is one_pass_filter, "
-        "`longheads-carry` two_pass_carry (a decoded token in two passes too).",
+        "`longheads-carry` two_pass_carry (a decoded token in two passes too), `longheads-one-pass` "
+        "one_pass_prompt (a prompt's chunk in one pass).",
     ]
     if report["kind"] == "kernel":
         lines.append(

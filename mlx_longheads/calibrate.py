@@ -1,6 +1,6 @@
 """Which layer of a loaded model finds a passage its last tokens ask for: the filter layer.
 
-The "one_pass_filter" selection (and "two_pass_prompt" at a decoded token) lets one
+The "one_pass_filter" selection (and the "*_prompt" ones at a decoded token) lets one
 layer's pooled attention (how much attention its heads give each chunk together,
 `longheads.pooled_attention`) choose the chunks the whole model shares. Which layer does
 that best is a property of the model: on SmolLM2's retrieval prompts the most peaked layer

@@ -35,6 +35,7 @@ SELECTION_HELP = {
     "two_pass_carry": "a decoded token in two passes too (every layer measured), at 2-7x the default's decode time",
     "one_pass_filter": "one pass, one calibrated layer chooses: the paper's reads per token",
     "two_pass_prompt": "the default: the prompt read as two_pass_carry, tokens decoded as one_pass_filter",
+    "one_pass_prompt": "the prompt read in one pass (the most peaked layer so far chooses), tokens as one_pass_filter",
     "query_head": "the paper's rule, per query head",
     "kv_head": "the paper's rule, per KV head (GQA)",
 }
@@ -67,7 +68,7 @@ def add_longheads_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prefill", choices=["grouped", "exact"], default="grouped")
     parser.add_argument("--full-attention-length", type=int, default=None, help="prompts up to this many tokens get stock attention (default: the trained length; the paper's rule: --attention-length)")
-    parser.add_argument("--filter-layer", type=int, default=None, help="the layer whose choice one_pass_filter (and two_pass_prompt at a decoded token) shares (default: calibrated on the model, once)")
+    parser.add_argument("--filter-layer", type=int, default=None, help="the layer whose choice one_pass_filter (and the *_prompt selections at a decoded token) shares (default: calibrated on the model, once)")
 
 
 def longheads_arguments(args: argparse.Namespace) -> Optional[LongHeadsConfig]:

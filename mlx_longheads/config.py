@@ -3,10 +3,11 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_prompt", "query_head", "kv_head"]
-SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "query_head", "kv_head")
-LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt")
-FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt")  # a calibrated filter layer chooses
+Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt", "query_head", "kv_head"]
+SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt", "query_head", "kv_head")
+LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt")
+# A calibrated filter layer chooses (for a decoded token at least).
+FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt", "one_pass_prompt")
 # Selections that lost their comparison, when they left the library and what answers what
 # they did (docs/evaluation.md has their results and the commits that removed them).
 REMOVED_SELECTIONS = {
@@ -15,7 +16,6 @@ REMOVED_SELECTIONS = {
     "two_pass": ("2026-12-02", "two_pass_carry"),
     "two_pass_topk": ("2026-12-02", "two_pass_carry"),
     "two_pass_reuse": ("2026-12-03", "one_pass_filter, at the paper's reads,"),
-    "one_pass_prompt": ("2026-12-03", "two_pass_prompt"),
     "two_pass_tail": ("2026-12-03", "two_pass_prompt"),
     "two_pass_checked": ("2026-12-03", "two_pass_prompt"),
 }
@@ -45,8 +45,11 @@ class LongHeadsConfig:
       None: the trained length, so inside it LongHeads answers what the model does.
     selection: "two_pass_prompt" (the default): a group of several queries past F (a
       prompt's chunk) as "two_pass_carry", a group of one (a decoded token) as
-      "one_pass_filter" (`longheads.PromptCarryRelay`): "two_pass_carry"'s answers on
+      "one_pass_filter" (`longheads.PromptRelay`): "two_pass_carry"'s answers on
       every prompt measured, at "one_pass_filter"'s reads per decoded token (README).
+      "one_pass_prompt": as "two_pass_prompt", but a prompt's chunk in one pass, each
+      layer following the most peaked of the layers up to it and the recent choice
+      (`longheads.PeakedRelay`): one pass's prefill.
       "two_pass_carry" runs each group of queries past F through the model twice: the
       first pass measures every layer's pooled attention (how much of it the layer's
       heads give each chunk together), and in the second every layer's
@@ -68,8 +71,8 @@ class LongHeadsConfig:
       On SmolLM2 8 bits cost 0.3% perplexity, 4 bits 19% (README, "What kv_bits costs").
     kv_group_size: elements sharing one scale and bias, along the head dim; None: 64,
       or the head dim when it is smaller.
-    filter_layer: the layer whose choice "one_pass_filter" (and "two_pass_prompt" at a
-      decoded token) shares; None: calibrated on the loaded model when LongHeads is applied.
+    filter_layer: the layer whose choice "one_pass_filter" (and "two_pass_prompt" and
+      "one_pass_prompt" at a decoded token) shares; None: calibrated on the loaded model when LongHeads is applied.
     """
 
     chunk_size: Optional[int] = None
@@ -100,7 +103,7 @@ class LongHeadsConfig:
     @property
     def links_layers(self) -> bool:
         """Whether a layer's selection takes a choice made in another layer (a relay,
-        `longheads.CarryRelay`, `longheads.FilterRelay` or both), so that each group of queries
+        `longheads.CarryRelay`, `longheads.FilterRelay`, `longheads.PromptRelay`), so that each group of queries
         past F is a call of its own."""
         return self.selection in LINKED_SELECTIONS
 
@@ -194,7 +197,8 @@ class LongHeadsConfig:
         if self.filter_layer is not None and (not self.filters or self.filter_layer < 0):
             raise ConfigError(
                 f"filter_layer {self.filter_layer} applies to the "
-                f"{' and '.join(FILTERING_SELECTIONS)} selections only, as a layer index from 0: "
+                f"{', '.join(FILTERING_SELECTIONS[:-1])} and {FILTERING_SELECTIONS[-1]} selections only, "
+                "as a layer index from 0: "
                 "drop it or set selection='one_pass_filter'"
             )
         if self.prefill not in ("grouped", "exact"):

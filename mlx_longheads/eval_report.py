@@ -58,6 +58,10 @@ SELECTION_NOTES = {
     "and the layers after it, and the layers before it take the earlier group's choice.",
     "two_pass_prompt": "a group of several queries (a prompt's chunk) as two_pass_carry, a group of "
     "one (a decoded token, and the prompt's last) as one_pass_filter; each carries the other's choice.",
+    "one_pass_prompt": "as two_pass_prompt, but a prompt's chunk in one pass: each layer follows the most "
+    "peaked of the layers up to it, or an earlier group's choice within the w tokens before it where "
+    "that was more peaked (records of 27593ad: the layers before the filter layer took the earlier "
+    "group's choice, those from it on the most peaked since it).",
     "two_pass_reuse": "as two_pass_carry, but a decoded token with a choice noted in the w tokens "
     "before it takes that choice without a first pass (a faster decode).",
     "pooled": "half the retrieved slots hold the chunks the layer's heads attend to most together "
@@ -73,9 +77,6 @@ SELECTION_NOTES = {
     "layer with the chunk before's choice, at 688c56d as one_pass_filter.",
     "two_pass_checked": "as two_pass_prompt, but a prompt chunk's first pass had the chunk before's "
     "choice in every layer, and its second pass ran only where the chunk's choice was another (fef0a07).",
-    "one_pass_prompt": "as two_pass_prompt, but a prompt's chunk in one pass: at e670f16 each layer "
-    "following the most peaked of every layer up to it, at 27593ad the layers before the filter layer "
-    "an earlier group's choice and those from it on the most peaked since it.",
 }
 NO_COMMIT = "†"
 CELLS_NOTE = "- Cells: mean (number of samples); `skipped`: full attention beyond --max-length-full."

@@ -292,6 +292,42 @@ def recent_choice(cache: LongHeadsCache, span: int, n_chunks: int) -> Tuple[mx.a
     return chunk_mask(chunks, n_chunks).astype(mx.float32), share
 
 
+class PeakedRelay(CarryRelay):
+    """What a prompt's chunk carries under "one_pass_prompt": `CarryRelay`'s choice, the
+    most peaked layer's, in one pass.
+
+    "two_pass_carry" runs a chunk twice so that the layers before the most peaked one
+    follow the chunk's own choice too; that second pass halves the prefill past F. Here
+    each layer's pooled attention is measured, and each layer follows the most peaked
+    of the choice noted in the `span` tokens before the group and the group's layers up
+    to it (`CarryRelay.choose`); the group's most peaked choice is noted in layer 0's
+    cache after the pass. The pass reads every layer's keys once for one query per head,
+    shared by the chunk's queries: a small part of the pass.
+    """
+
+    def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
+        """One group's pass through `forward`, the recent choice carried in and the
+        group's own noted after."""
+        cache = caches[0]
+        self.replaying, self.carried = False, None
+        if cache.choices is not None:
+            carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
+            self.carried = (carried[:, None], share[:, None])
+        out = forward()
+        ((pooled, share),) = self.best.values()  # one group per piece past F
+        cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
+        return out
+
+    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> mx.array:
+        """The pooled attention [B, 1, C] `layer`'s shared slots follow: the most peaked
+        of the group's layers up to this one (measured by `measure`) and the carried."""
+        pooled = super().choose(layer, block, measure)
+        if self.carried is None:
+            return pooled
+        carried, carried_share = self.carried
+        return mx.where((carried_share > self.best[block][1])[..., None], carried, pooled)
+
+
 class FilterRelay:
     """What the "one_pass_filter" selection carries: one layer's choice, to the layers
     after it in the same pass and to the layers before it at the next group.
@@ -351,10 +387,11 @@ class FilterRelay:
         return self.kept
 
 
-class PromptCarryRelay:
-    """What the "two_pass_prompt" selection carries: a group of several queries (a
-    prompt's chunk) runs `CarryRelay`'s two passes, a group of one (a decoded token, and
-    a prompt's last token, which mlx-lm's generate feeds alone) `FilterRelay`'s one.
+class PromptRelay:
+    """What the "two_pass_prompt" and "one_pass_prompt" selections carry: a group of
+    several queries (a prompt's chunk) runs the `prompt` relay (`CarryRelay`'s two
+    passes, or `PeakedRelay`'s one), a group of one (a decoded token, and a prompt's
+    last token, which mlx-lm's generate feeds alone) `FilterRelay`'s one pass.
 
     On the 16k prompts where "two_pass_carry" and "one_pass_filter" disagreed, the
     answer was lost either while the prompt was read (by the filter) or in the answer's
@@ -364,13 +401,14 @@ class PromptCarryRelay:
     their choice in layer 0's cache, so each carries the other's.
     """
 
-    def __init__(self, carry: CarryRelay, filter: FilterRelay):
-        self.carry, self.filter = carry, filter
+    def __init__(self, prompt: CarryRelay, filter: FilterRelay):
+        self.prompt, self.filter = prompt, filter
         self.active: Union[CarryRelay, FilterRelay] = filter
 
     def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
-        """One group through `forward`: twice for several queries, once for one."""
-        self.active = self.carry if tokens > 1 else self.filter
+        """One group through `forward`: by the prompt relay for several queries, by the
+        filter for one."""
+        self.active = self.prompt if tokens > 1 else self.filter
         return self.active.run(forward, caches, tokens)
 
     def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .calibrate import filter_layer
-from .longheads import CarryRelay, FilterRelay, PromptCarryRelay, longheads_attention
+from .longheads import CarryRelay, FilterRelay, PeakedRelay, PromptRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -73,7 +73,7 @@ class LinkedCall:
     """The forward call of a model whose selection links its layers, mixed into its class.
 
     A layer past F takes a choice made in another layer (the relay's, `longheads.CarryRelay`,
-    `longheads.FilterRelay` or `longheads.PromptCarryRelay`), and a group takes the one
+    `longheads.FilterRelay` or `longheads.PromptRelay`), and a group takes the one
     noted by the groups before it, so a call is cut into one piece per group (a chunk, or
     a token with prefill "exact") past F, each run by the relay (`run`: twice or once, as
     the selection has it): a prompt prefilled in one call is computed as when fed one
@@ -140,7 +140,7 @@ def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongH
     return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
 
 
-Relay = Union[CarryRelay, FilterRelay, PromptCarryRelay]
+Relay = Union[CarryRelay, FilterRelay, PromptRelay]
 
 
 def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
@@ -148,13 +148,18 @@ def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
     F = config.full_chunks * config.chunk_size
     carry = CarryRelay(config.shared_slots, config.chunk_size)
     filter = FilterRelay(config.shared_slots, config.chunk_size, F, config.filter_layer)
-    relays = {"two_pass_carry": carry, "one_pass_filter": filter, "two_pass_prompt": PromptCarryRelay(carry, filter)}
+    relays = {
+        "two_pass_carry": carry,
+        "one_pass_filter": filter,
+        "two_pass_prompt": PromptRelay(carry, filter),
+        "one_pass_prompt": PromptRelay(PeakedRelay(config.shared_slots, config.chunk_size), filter),
+    }
     return relays.get(config.selection)
 
 
 def filter_relay(relay: Relay) -> FilterRelay:
     """The part of a relay that follows a filter layer."""
-    return relay.filter if isinstance(relay, PromptCarryRelay) else relay
+    return relay.filter if isinstance(relay, PromptRelay) else relay
 
 
 def apply_longheads(

@@ -13,11 +13,10 @@ two_pass_carry's, the first difference is the gap; near one_pass_filter's, the s
 Two more rules ask whether more filter layers close the second (the calibration's
 best two and three layers, the most peaked of them chosen, as OmniKV uses three), and
 two_pass_carry's run counts which layer was the most peaked one for each group.
-results/perplexity_gap_one_pass.md ran, at e670f16, a rule that has since left the
-library ("one_pass_prompt": a prompt's chunk in one pass, each layer following the most
-peaked of every layer up to it): 0.3% behind two_pass_carry on these 4,096 tokens, and
-6.6% on the eval's 8-16k, so this window does not rank rules reliably.
-results/perplexity_gap_tail.md ran, at 688c56d, another rule that has left the library
+results/perplexity_gap_one_pass.md ran "one_pass_prompt" at e670f16 (a prompt's chunk in
+one pass, each layer following the most peaked of every layer up to it): 0.3% behind
+two_pass_carry on these 4,096 tokens, and 6.6% on the eval's 8-16k, so this window does
+not rank rules reliably. results/perplexity_gap_tail.md ran, at 688c56d, a rule that has left the library
 ("two_pass_tail": a chunk's last quarter of queries in two passes, the rest in one): on
 positions 8193-10240 all three rules it ran were within 0.8%, where the eval's 8-16k put
 it 8% behind two_pass_prompt. results/perplexity_gap_checked.md ran, at fef0a07, a third
@@ -39,7 +38,7 @@ newest query made after reading the tokens scored, a look-ahead a decoded token 
 has; the N tokens' loss has none, and it reads a cache the rule's prompt reading built.
 results/decoded_loss.md and decoded_loss_1.md ran so at b2b3e07 (texts 0 and 1),
 results/decoded_loss_tail.md the removed "two_pass_tail" at f091fb3, and
-results/decoded_loss_one_pass_prompt.md the removed "one_pass_prompt" at e670f16.
+results/decoded_loss_one_pass_prompt.md "one_pass_prompt" at e670f16 (its rule today).
 
   python scripts/perplexity_gap_study.py --index 0 --tokens 4096 --output results/perplexity_gap_study.md
   (--rule NAME, repeated: only those rules)
@@ -187,6 +186,7 @@ RULES = {
     "one_pass_filter, the calibration's best three layers filtering": (FILTER, with_filter_layers(3)),
     "two_pass_carry": (LongHeadsConfig(selection="two_pass_carry"), counting),
     "two_pass_prompt": (LongHeadsConfig(selection="two_pass_prompt"), None),
+    "one_pass_prompt": (LongHeadsConfig(selection="one_pass_prompt"), None),
     "query_head": (LongHeadsConfig(selection="query_head"), None),
 }
 

@@ -129,60 +129,69 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
     that links them, and the smallest gap between two shares compared or two scores
     ranked (how far from a tie; `note_margin` for the rankings).
 
-    Past the full attention length F (None: L), each group in order, by `selection`:
-      - "two_pass_carry": every layer shares the top chunks of the pooled mass of the
-        most peaked layer of all (the largest share of its mass on one chunk; the later
-        layer on a tie; the layers' inputs being those of the first pass, which are
-        these);
-      - "one_pass_filter": the layers from `filter_layer` on share the top chunks of
-        that layer's pooled mass; the layers before it take the earlier group's chunks
-        below (none where no group noted one: each head ranks all its slots);
-      - "two_pass_prompt": a group of several queries as "two_pass_carry", a group of
-        one as "one_pass_filter";
-    in each case replaced, where it is larger, by the share and top chunks noted by an
-    earlier group whose newest query is among the w tokens before the group's first.
-    Each group notes its own top chunks and share (the mass the rule measured)."""
+    Past the full attention length F (None: L), each group in order gives each layer the
+    pooled mass its shared slots follow, by the group's rule:
+      - "two_pass_carry": every layer the mass of the most peaked layer of all (the
+        largest share of its mass on one chunk; the later layer on a tie; the layers'
+        inputs being those of the first pass, which are these);
+      - "one_pass_peaked": each layer the mass of the most peaked of it and the layers
+        before it;
+      - "one_pass_filter": the layers from `filter_layer` on that layer's mass; the
+        layers before it the earlier group's chunks below (none where no group noted
+        one: each head ranks all its slots);
+    "two_pass_prompt" and "one_pass_prompt" give a group of several queries the rule
+    "two_pass_carry" and "one_pass_peaked", a group of one "one_pass_filter". In each case
+    a layer's mass is replaced, where its share is smaller, by the top chunks noted by
+    an earlier group whose newest query is among the w tokens before the group's first
+    (the most peaked of them). Each group notes the top chunks and share of the mass its
+    last layer followed before that."""
     gaps = [np.inf]
     group_of = np.arange(layers[0][0].shape[1]) if group_of is None else np.asarray(group_of)
     shared = -(-(L // w - 3) // 2)
+    prompt_rules = {"two_pass_prompt": "two_pass_carry", "one_pass_prompt": "one_pass_peaked"}
 
     def mass_and_share(layer, newest):
         q, k, _ = layers[layer]
         mass = pooled_mass(q[:, newest], k, newest // w, w, scale, base)
         return mass, mass.max() / mass.sum()
 
-    def most_peaked(newest):
-        measured = [mass_and_share(layer, newest) for layer in range(len(layers))]
-        best = max(range(len(layers)), key=lambda i: (measured[i][1], i))
+    def most_peaked(measured):
+        best = max(range(len(measured)), key=lambda i: (measured[i][1], i))
         gaps.extend(abs(measured[best][1] - share) for i, (_, share) in enumerate(measured) if i != best)
         return measured[best]
 
-    noted, before, after = {}, {}, {}
+    noted, chosen = {}, [{} for _ in layers]
     for group in dict.fromkeys(group_of):
         members = np.flatnonzero(group_of == group)
         first, newest = members.min(), members.max()
         if newest // w < (F or L) // w:
             continue
-        carried = lambda chunks: np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
-        two_passes = selection == "two_pass_carry" or (selection == "two_pass_prompt" and len(members) > 1)
-        mass, share = most_peaked(newest) if two_passes else mass_and_share(filter_layer, newest)
+        rule = prompt_rules.get(selection, selection) if len(members) > 1 else "one_pass_filter"
+        rule = selection if selection in ("two_pass_carry", "one_pass_filter") else rule
+        measured = [mass_and_share(layer, newest) for layer in range(len(layers))]
+        if rule == "two_pass_carry":
+            own = [most_peaked(measured)] * len(layers)
+        elif rule == "one_pass_peaked":
+            own = [most_peaked(measured[: layer + 1]) for layer in range(len(layers))]
+        else:
+            own = [None if layer < filter_layer else measured[filter_layer] for layer in range(len(layers))]
         earlier = [noted[p] for p in noted if first - w <= p < first]
-        before[newest] = after[newest] = mass
+        carried = None
         if earlier:
-            best_share, chunks = max(earlier, key=lambda noted: noted[0])
-            gaps.append(abs(best_share - share))
-            if not two_passes:
-                before[newest] = carried(chunks)
-            if best_share > share:
-                before[newest] = after[newest] = carried(chunks)
-        elif not two_passes:
-            before[newest] = None
+            carried_share, chunks = max(earlier, key=lambda noted: noted[0])
+            carried = np.isin(np.arange(1, newest // w - 1), chunks).astype(float)
+        for layer, mine in enumerate(own):
+            if mine is not None and carried is not None:
+                gaps.append(abs(carried_share - mine[1]))
+            keep = carried is not None and (mine is None or carried_share > mine[1])
+            chosen[layer][newest] = carried if keep else None if mine is None else mine[0]
+        mass, share = own[-1]
         noted[newest] = (share, 1 + np.argsort(-mass, kind="stable")[:shared])
         note_margin(gaps, mass, shared)
     outputs = [
         longheads(
             q, k, v, w, L, scale, base, group_of=group_of, F=F, pooled=True, gaps=gaps,
-            mass=(before if layer < filter_layer else after).__getitem__,
+            mass=chosen[layer].__getitem__,
         )
         for layer, (q, k, v) in enumerate(layers)
     ]

@@ -10,6 +10,7 @@ from hypothesis import given, settings, strategies as st
 from mlx import nn
 
 from mlx_longheads import longheads
+from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import FILTERING_SELECTIONS, LINKED_SELECTIONS, SELECTIONS, LongHeadsConfig
 from mlx_longheads.longheads import (
     chunk_representations,
@@ -252,6 +253,18 @@ def test_two_pass_prompt_reads_chunks_as_two_pass_carry_and_tokens_as_one_pass_f
     assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
 
 
+@pytest.mark.parametrize("L, F, filter_layer", [(32, 32, 1), (32, 56, 0), (32, 56, 2)])
+@pytest.mark.parametrize("prefill, steps", [("exact", [1] * 120), ("grouped", [47, 17, 25, 31]), ("grouped", [61, 30] + [1] * 29)])
+def test_one_pass_prompt_reads_a_chunk_once_following_the_most_peaked_layer_so_far(L, F, filter_layer, prefill, steps):
+    """Three layers: in a group of several queries (a prompt's chunk) each layer follows
+    the most peaked of it and the layers before it; a group of one (a decoded token)
+    the filter layer's choice, as "one_pass_filter"; each kept against the choice noted
+    by the groups in the chunk before, whichever rule noted it (the numpy rule)."""
+    config = LongHeadsConfig(8, L, selection="one_pass_prompt", prefill=prefill, full_attention_length=F,
+                             filter_layer=filter_layer)
+    assert_layers_follow_the_rule(config, steps, seed=63, n_layers=3)
+
+
 @pytest.mark.parametrize("selection", LINKED_SELECTIONS)
 def test_the_linked_selections_need_the_models_other_layers(selection):
     q, k, v = (mx.array(a[None]) for a in random_qkv(8))
@@ -354,17 +367,23 @@ def test_one_pass_filter_measures_one_layer_once_per_group(monkeypatch):
     assert all(cache is caches[1] for cache in calls)
 
 
-def test_two_pass_prompt_measures_every_layer_per_prompt_chunk_and_the_filter_layer_per_token(monkeypatch):
-    """A prompt's chunk past F: every layer's pooled attention, in the first of its two
-    passes; a decoded token: the filter layer's alone, in its one pass."""
+@pytest.mark.parametrize("selection, chunk_passes", [("two_pass_prompt", 2), ("one_pass_prompt", 1)])
+def test_prompt_selections_measure_every_layer_per_prompt_chunk_and_the_filter_layer_per_token(
+    monkeypatch, selection, chunk_passes
+):
+    """A prompt's chunk past F: every layer's pooled attention, in the first of its
+    passes (two, or one); a decoded token: the filter layer's alone, in its one pass."""
     w, L, prompt, decoded = 8, 32, 64, 11
     calls = counted_measurements(monkeypatch)
-    config = LongHeadsConfig(w, L, selection="two_pass_prompt", filter_layer=1)
+    appended, append = [], LongHeadsCache.append
+    monkeypatch.setattr(LongHeadsCache, "append", lambda cache, *a: appended.append(cache) or append(cache, *a))
+    config = LongHeadsConfig(w, L, selection=selection, filter_layer=1)
     layers = [random_qkv(prompt + decoded, seed=40 + layer) for layer in range(3)]
     _, caches = run_layers(layers, config, [prompt] + [1] * decoded)
     chunks = (prompt - L) // w
     assert [calls[i * 3 : i * 3 + 3] for i in range(chunks)] == [caches] * chunks
     assert calls[3 * chunks :] == [caches[1]] * decoded
+    assert appended.count(caches[0]) == 1 + chunks * chunk_passes + decoded  # below F: one call
 
 
 @settings(max_examples=60, deadline=None)

@@ -64,7 +64,8 @@ def counting_reads(monkeypatch, model) -> Counter:
 
 @pytest.mark.parametrize(
     "selection, kv_bits",
-    [("two_pass_carry", None), ("one_pass_filter", None), ("two_pass_prompt", None), ("query_head", None),
+    [("two_pass_carry", None), ("one_pass_filter", None), ("two_pass_prompt", None), ("one_pass_prompt", None),
+     ("query_head", None),
      ("kv_head", None), ("two_pass_carry", 8)],
 )
 @pytest.mark.parametrize("context", [40, 100, 103])  # inside F; past it; a token completing a chunk
