@@ -55,14 +55,14 @@ from .traffic import PARTS, decode_reads, shape_of
 from . import traffic
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
-    "longheads": LongHeadsConfig(),  # the default: two_pass_prompt, a prompt chunk twice, a token once
+    "longheads": LongHeadsConfig(),  # the default: one_pass_prompt, a prompt chunk once, a token once
     "longheads-head": LongHeadsConfig(selection="query_head"),  # each query head selects
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
     "longheads-q8": LongHeadsConfig(kv_bits=8),  # keys and values in 8 bits
     "longheads-filter": LongHeadsConfig(selection="one_pass_filter"),  # one pass, a calibrated filter layer
     "longheads-carry": LongHeadsConfig(selection="two_pass_carry"),  # each group twice past F, a token too
-    "longheads-one-pass": LongHeadsConfig(selection="one_pass_prompt"),  # a prompt chunk once, a token once
+    "longheads-prompt": LongHeadsConfig(selection="two_pass_prompt"),  # a prompt chunk twice, a token once
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
@@ -454,8 +454,8 @@ def markdown(report: dict, command: str) -> str:
         f"LongHeads: {report['longheads']}; `longheads-head` selects per query head (the paper's rule), "
         "`longheads-kv` per KV head; "
         "`longheads-q8` stores keys and values in 8 bits (kv_bits=8); `longheads-filter` is one_pass_filter, "
-        "`longheads-carry` two_pass_carry (a decoded token in two passes too), `longheads-one-pass` "
-        "one_pass_prompt (a prompt's chunk in one pass).",
+        "`longheads-carry` two_pass_carry (a decoded token in two passes too), `longheads-prompt` "
+        "two_pass_prompt (a prompt's chunk in two passes).",
     ]
     if report["kind"] == "kernel":
         lines.append(

@@ -43,13 +43,14 @@ class LongHeadsConfig:
       attends to all of them (stock attention); past it, each head selects. At least
       attention_length (which is the paper's threshold), at most the trained length.
       None: the trained length, so inside it LongHeads answers what the model does.
-    selection: "two_pass_prompt" (the default): a group of several queries past F (a
-      prompt's chunk) as "two_pass_carry", a group of one (a decoded token) as
-      "one_pass_filter" (`longheads.PromptRelay`): "two_pass_carry"'s answers on
-      every prompt measured, at "one_pass_filter"'s reads per decoded token (README).
-      "one_pass_prompt": as "two_pass_prompt", but a prompt's chunk in one pass, each
-      layer following the most peaked of the layers up to it and the recent choice
-      (`longheads.PeakedRelay`): one pass's prefill.
+    selection: "one_pass_prompt" (the default): a group of several queries past F (a
+      prompt's chunk) in one pass, each layer following the most peaked of the layers
+      up to it and the recent choice (`longheads.PeakedRelay`), a group of one (a
+      decoded token) as "one_pass_filter" (`longheads.PromptRelay`): the answers of
+      "two_pass_prompt" on the prompts both ran, at one pass's prefill and
+      "one_pass_filter"'s reads per decoded token (README).
+      "two_pass_prompt": as "one_pass_prompt", but a prompt's chunk as "two_pass_carry"
+      reads it (twice): the default until 2026-12-03, at half the prefill speed.
       "two_pass_carry" runs each group of queries past F through the model twice: the
       first pass measures every layer's pooled attention (how much of it the layer's
       heads give each chunk together), and in the second every layer's
@@ -77,7 +78,7 @@ class LongHeadsConfig:
 
     chunk_size: Optional[int] = None
     attention_length: Optional[int] = None
-    selection: Selection = "two_pass_prompt"
+    selection: Selection = "one_pass_prompt"
     prefill: Prefill = "grouped"
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None
