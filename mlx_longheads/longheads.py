@@ -292,6 +292,16 @@ def recent_choice(cache: LongHeadsCache, span: int, n_chunks: int) -> Tuple[mx.a
     return chunk_mask(chunks, n_chunks).astype(mx.float32), share
 
 
+def carried_choice(cache: LongHeadsCache, span: int, tokens: int) -> Optional[Tuple[mx.array, mx.array]]:
+    """What a one-pass group of `tokens` queries at the cache's offset carries in: the
+    most peaked choice noted in the `span` tokens before it, as (pooled [B, 1, C], share
+    [B, 1]); None before any group noted one."""
+    if cache.choices is None:
+        return None
+    carried, share = recent_choice(cache, span, (cache.offset + tokens) // cache.chunk_size)
+    return carried[:, None], share[:, None]
+
+
 class PeakedRelay(CarryRelay):
     """What a prompt's chunk carries under "one_pass_prompt": `CarryRelay`'s choice, the
     most peaked layer's, in one pass.
@@ -309,10 +319,7 @@ class PeakedRelay(CarryRelay):
         """One group's pass through `forward`, the recent choice carried in and the
         group's own noted after."""
         cache = caches[0]
-        self.replaying, self.carried = False, None
-        if cache.choices is not None:
-            carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
-            self.carried = (carried[:, None], share[:, None])
+        self.replaying, self.carried = False, carried_choice(cache, self.span, tokens)
         out = forward()
         ((pooled, share),) = self.best.values()  # one group per piece past F
         cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
@@ -363,10 +370,7 @@ class FilterRelay:
         """One group's pass through `forward` (its `tokens` queries after the caches'
         offset), with the recent choice carried in and the group's own noted after."""
         cache = caches[0]
-        self.carried = None
-        if cache.choices is not None and cache.offset > self.full_length:
-            carried, share = recent_choice(cache, self.span, (cache.offset + tokens) // cache.chunk_size)
-            self.carried = (carried[:, None], share[:, None])
+        self.carried = carried_choice(cache, self.span, tokens) if cache.offset > self.full_length else None
         out = forward()
         pooled, share = self.fresh
         cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
