@@ -10,6 +10,13 @@ passes. A rule that answers right from the same prefill says the loss is in what
 answer's tokens choose; none says it is in the prompt's cache. Per step it lists the
 shared chunks the rule followed, beside the asked key's and the distractors' chunks.
 
+With --prefill-selection one_pass_prompt (the default's prompt reading) it also answers by
+one_pass_filter's pass run again where the filter layer's own choice replaced the one the
+layers before it followed (`RerunFilterRelay`): on the plain-fact prompts the default
+missed with the fact's chunk in layers 18-29 only, the layers before the filter layer had
+followed the carried choice at the prompt's last token, whose logits give the answer's
+first token.
+
   python scripts/answer_rule_study.py --task multikey --length 16384 --sample 5 --prefill-selection one_pass_filter --output F
 """
 
@@ -21,11 +28,33 @@ import mlx.core as mx
 
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import code_version, prefilled
-from mlx_longheads.longheads import CarryRelay, FilterRelay, top_chunks
+from mlx_longheads.longheads import CarryRelay, FilterRelay, PeakedRelay, PromptRelay, top_chunks
 from mlx_longheads.prompt_cache import load_prompt_cache, save_prompt_cache
 from mlx_longheads.tasks import make_sample
 from perplexity_gap_study import MultiFilterRelay, best_layers, swap_relay  # scripts/ is on the path
 from needle_oracle import write_report
+
+
+class RerunFilterRelay(FilterRelay):
+    """one_pass_filter's pass for a group, and a second pass where the filter layer's own
+    choice replaced the carried one that the layers before it followed (or where none was
+    carried): then every layer follows it. Counts the groups run twice."""
+
+    reruns = 0
+
+    def run(self, forward, caches, tokens):
+        out = super().run(forward, caches, tokens)
+        pooled, share = self.fresh
+        if self.carried is not None and not mx.any(share >= self.carried[1]).item():
+            return out
+        mx.eval(pooled, share, [c.buffers for c in caches])
+        if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
+            raise RuntimeError("the first pass could not be rolled back exactly")
+        self.carried, self.reruns = (pooled, share), self.reruns + 1
+        out = forward()
+        pooled, share = self.fresh
+        caches[0].record_choice(caches[0].offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
+        return out
 
 
 def followed(relay) -> mx.array:
@@ -53,7 +82,7 @@ def main() -> None:
     parser.add_argument("--task", default="multikey")
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--sample", type=int, default=5)
-    parser.add_argument("--prefill-selection", default="one_pass_filter", choices=["one_pass_filter", "two_pass_carry"])
+    parser.add_argument("--prefill-selection", default="one_pass_filter", choices=["one_pass_filter", "two_pass_carry", "one_pass_prompt"])
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/answer_rule"), help="prefilled prompts, kept for reruns")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
@@ -63,6 +92,8 @@ def main() -> None:
     w, shared, F = config.chunk_size, config.shared_slots, config.full_attention_length
     if args.prefill_selection == "two_pass_carry":
         swap_relay(model, CarryRelay(shared, w))
+    if args.prefill_selection == "one_pass_prompt":
+        swap_relay(model, PromptRelay(PeakedRelay(shared, w), FilterRelay(shared, w, F, config.filter_layer)))
     sample = make_sample(args.task, tokenizer, args.length, args.sample)
     prompt = tokenizer.encode(sample.prompt)
     saved = args.cache_dir / f"{args.task}_{args.length}_{args.sample}_{args.prefill_selection}.safetensors"
@@ -78,11 +109,16 @@ def main() -> None:
         "one_pass_filter, the calibration's best three layers filtering": MultiFilterRelay(shared, w, F, best_layers(model, 3)),
         "two_pass_carry": CarryRelay(shared, w),
     }
+    rerun = RerunFilterRelay(shared, w, F, config.filter_layer)
+    if args.prefill_selection == "one_pass_prompt":
+        rules["one_pass_filter, run again where the filter layer's choice replaced the carried one"] = rerun
     rows = []
     for name, relay in rules.items():
         swap_relay(model, relay)
         cache = load_prompt_cache(str(saved), model, config)
         text, steps = answer(model, tokenizer, cache, prompt[-1], sample.max_tokens, shared)
+        if relay is rerun:
+            name += f" ({rerun.reruns} of {len(steps)} steps run again)"
         rows.append((name, text, sample.score(text), steps))
         print(rows[-1], flush=True)
     lines = [
