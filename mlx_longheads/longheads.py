@@ -259,11 +259,7 @@ class CarryRelay:
         result is returned."""
         self.replaying = False
         forward()
-        # Evaluated before the roll-back: no read of the first pass is pending
-        # when the second writes over its keys and values (no buffer copies).
-        mx.eval([best for best, _ in self.best.values()], [c.buffers for c in caches])
-        if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
-            raise RuntimeError("the first pass could not be rolled back exactly")
+        roll_back(caches, tokens, [best for best, _ in self.best.values()])
         self.between_passes(caches[0], tokens)
         self.replaying = True
         try:
@@ -282,6 +278,21 @@ class CarryRelay:
         keep = carried_share > share
         pooled = mx.where(keep[:, None], carried, pooled)
         self.best = {0: (pooled[:, None], mx.maximum(share, carried_share)[:, None])}
+
+
+def roll_back(caches: List[LongHeadsCache], tokens: int, kept: Any) -> None:
+    """Undo a first pass's `tokens` in every cache, `kept` (what the second pass takes
+    from the first) evaluated before: no read of the first pass is pending when the
+    second writes over its keys and values (no buffer copies)."""
+    mx.eval(kept, [c.buffers for c in caches])
+    if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
+        raise RuntimeError("the first pass could not be rolled back exactly")
+
+
+def note_choice(cache: LongHeadsCache, tokens: int, pooled: mx.array, share: mx.array, shared: int) -> None:
+    """Note a group's choice, the top `shared` chunks of its pooled attention [B, 1, C]
+    with its share [B, 1], on the rows of its `tokens` queries before the cache's offset."""
+    cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], shared))
 
 
 def recent_choice(cache: LongHeadsCache, span: int, n_chunks: int) -> Tuple[mx.array, mx.array]:
@@ -322,7 +333,7 @@ class PeakedRelay(CarryRelay):
         self.replaying, self.carried = False, carried_choice(cache, self.span, tokens)
         out = forward()
         ((pooled, share),) = self.best.values()  # one group per piece past F
-        cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
+        note_choice(cache, tokens, pooled, share, self.shared)
         return out
 
     def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> mx.array:
@@ -372,8 +383,7 @@ class FilterRelay:
         cache = caches[0]
         self.carried = carried_choice(cache, self.span, tokens) if cache.offset > self.full_length else None
         out = forward()
-        pooled, share = self.fresh
-        cache.record_choice(cache.offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
+        note_choice(cache, tokens, *self.fresh, self.shared)
         return out
 
     def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:

@@ -12,7 +12,7 @@ shared chunks the rule followed, beside the asked key's and the distractors' chu
 
 With --prefill-selection one_pass_prompt (the default's prompt reading) it also answers by
 one_pass_filter's pass run again where the filter layer's own choice replaced the one the
-layers before it followed (`RerunFilterRelay`): on the plain-fact prompts the default
+layers before it followed (`ChangedChoiceFilterRelay`): on the plain-fact prompts the default
 missed with the fact's chunk in layers 18-29 only, the layers before the filter layer had
 followed the carried choice at the prompt's last token, whose logits give the answer's
 first token.
@@ -31,11 +31,11 @@ from mlx_longheads.eval import code_version, prefilled
 from mlx_longheads.longheads import CarryRelay, FilterRelay, PeakedRelay, PromptRelay, top_chunks
 from mlx_longheads.prompt_cache import load_prompt_cache, save_prompt_cache
 from mlx_longheads.tasks import make_sample
-from perplexity_gap_study import MultiFilterRelay, best_layers, swap_relay  # scripts/ is on the path
+from perplexity_gap_study import MultiFilterRelay, RerunFilterRelay, best_layers, swap_relay  # scripts/ is on the path
 from needle_oracle import write_report
 
 
-class RerunFilterRelay(FilterRelay):
+class ChangedChoiceFilterRelay(RerunFilterRelay):
     """one_pass_filter's pass for a group, and a second pass where the filter layer's own
     choice replaced the carried one that the layers before it followed (or where none was
     carried): then every layer follows it. Counts the groups run twice."""
@@ -44,17 +44,10 @@ class RerunFilterRelay(FilterRelay):
 
     def run(self, forward, caches, tokens):
         out = super().run(forward, caches, tokens)
-        pooled, share = self.fresh
-        if self.carried is not None and not mx.any(share >= self.carried[1]).item():
+        if self.carried is not None and not mx.any(self.fresh[1] >= self.carried[1]).item():
             return out
-        mx.eval(pooled, share, [c.buffers for c in caches])
-        if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
-            raise RuntimeError("the first pass could not be rolled back exactly")
-        self.carried, self.reruns = (pooled, share), self.reruns + 1
-        out = forward()
-        pooled, share = self.fresh
-        caches[0].record_choice(caches[0].offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
-        return out
+        self.reruns += 1
+        return self.run_again(forward, caches, tokens, self.fresh)
 
 
 def followed(relay) -> mx.array:
@@ -109,7 +102,7 @@ def main() -> None:
         "one_pass_filter, the calibration's best three layers filtering": MultiFilterRelay(shared, w, F, best_layers(model, 3)),
         "two_pass_carry": CarryRelay(shared, w),
     }
-    rerun = RerunFilterRelay(shared, w, F, config.filter_layer)
+    rerun = ChangedChoiceFilterRelay(shared, w, F, config.filter_layer)
     if args.prefill_selection == "one_pass_prompt":
         rules["one_pass_filter, run again where the filter layer's choice replaced the carried one"] = rerun
     rows = []

@@ -62,13 +62,26 @@ from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import call_nll, code_version, prefilled, token_nll
 from mlx_longheads.calibrate import fingerprint
 from mlx_longheads.models import filter_relay
-from mlx_longheads.longheads import CarryRelay, FilterRelay, peakedness, top_chunks
+from mlx_longheads.longheads import CarryRelay, FilterRelay, note_choice, peakedness, roll_back, top_chunks
 from mlx_longheads.resolve import cache_dir
 from mlx_longheads.tasks import perplexity_text
 from needle_oracle import write_report  # scripts/ is on the path when run
 
 
-class OwnChoiceFilterRelay(FilterRelay):
+class RerunFilterRelay(FilterRelay):
+    """one_pass_filter, with a way to run a group's pass again from its start."""
+
+    def run_again(self, forward, caches, tokens, carried):
+        """The group's pass rolled back and run again, the layers before the filter layer
+        taking `carried` (pooled [B, 1, C], share [B, 1]); its own choice noted after."""
+        roll_back(caches, tokens, carried)
+        self.carried = carried
+        out = forward()
+        note_choice(caches[0], tokens, *self.fresh, self.shared)
+        return out
+
+
+class OwnChoiceFilterRelay(RerunFilterRelay):
     """one_pass_filter, but a group of several queries runs twice: the layers before the
     filter layer take, in the second pass, the group's own choice from the first."""
 
@@ -76,14 +89,7 @@ class OwnChoiceFilterRelay(FilterRelay):
         if tokens == 1:
             return super().run(forward, caches, tokens)
         super().run(forward, caches, tokens)
-        mx.eval(self.kept, [c.buffers for c in caches])
-        if [cache.trim(tokens) for cache in caches] != [tokens] * len(caches):
-            raise RuntimeError("the first pass could not be rolled back exactly")
-        self.carried = (self.kept, peakedness(self.kept))
-        out = forward()
-        pooled, share = self.fresh
-        caches[0].record_choice(caches[0].offset - tokens, tokens, share[:, 0], top_chunks(pooled[:, 0], self.shared))
-        return out
+        return self.run_again(forward, caches, tokens, (self.kept, peakedness(self.kept)))
 
 
 class MultiFilterRelay(FilterRelay):
