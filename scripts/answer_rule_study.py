@@ -21,6 +21,7 @@ first token.
 """
 
 import argparse
+from dataclasses import replace
 from pathlib import Path
 
 import mlx_longheads  # noqa: F401  (loads OpenBLAS before MLX on Linux)
@@ -28,7 +29,8 @@ import mlx.core as mx
 
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import code_version, prefilled
-from mlx_longheads.longheads import CarryRelay, FilterRelay, PeakedRelay, PromptRelay, top_chunks
+from mlx_longheads.longheads import CarryRelay, FilterRelay, top_chunks
+from mlx_longheads.models import make_relay
 from mlx_longheads.prompt_cache import load_prompt_cache, save_prompt_cache
 from mlx_longheads.tasks import make_sample
 from perplexity_gap_study import MultiFilterRelay, RerunFilterRelay, best_layers, swap_relay  # scripts/ is on the path
@@ -70,6 +72,21 @@ def chunk_of(tokenizer, text: str, needle: str, w: int) -> int:
     return len(tokenizer.encode(text[: text.index(needle)])) // w
 
 
+def saved_prefill(model, prompt, selection: str, stem: Path) -> Path:
+    """The prompt but its last token prefilled with `selection` (as the eval does: 2048-token
+    blocks), saved at `stem`_`selection`.safetensors once and read from there after. The model
+    is loaded with one_pass_filter (the saved file names it); the prefill swaps in the relay
+    of `selection`."""
+    saved = stem.with_name(f"{stem.name}_{selection}.safetensors")
+    config = model.layers[0].self_attn.config
+    if not saved.exists():
+        swap_relay(model, make_relay(replace(config, selection=selection)))
+        cache = prefilled(model, prompt[:-1], lambda done, total: print(f"prefill {done}/{total}", flush=True))
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        save_prompt_cache(str(saved), cache, model, config)
+    return saved
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="multikey")
@@ -83,17 +100,9 @@ def main() -> None:
     model, tokenizer = load(longheads=LongHeadsConfig(selection="one_pass_filter"))
     config = model.layers[0].self_attn.config  # calibrated: the filter layer the rules below use
     w, shared, F = config.chunk_size, config.shared_slots, config.full_attention_length
-    if args.prefill_selection == "two_pass_carry":
-        swap_relay(model, CarryRelay(shared, w))
-    if args.prefill_selection == "one_pass_prompt":
-        swap_relay(model, PromptRelay(PeakedRelay(shared, w), FilterRelay(shared, w, F, config.filter_layer)))
     sample = make_sample(args.task, tokenizer, args.length, args.sample)
     prompt = tokenizer.encode(sample.prompt)
-    saved = args.cache_dir / f"{args.task}_{args.length}_{args.sample}_{args.prefill_selection}.safetensors"
-    if not saved.exists():
-        cache = prefilled(model, prompt[:-1], lambda done, total: print(f"prefill {done}/{total}", flush=True))
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        save_prompt_cache(str(saved), cache, model, config)
+    saved = saved_prefill(model, prompt, args.prefill_selection, args.cache_dir / f"{args.task}_{args.length}_{args.sample}")
     marks = {"asked": sample.expected[0]}
     marks.update({key: str(value) for key, value in sample.params.get("distractors", {}).items()})
     chunks = {name: chunk_of(tokenizer, sample.prompt, number, w) for name, number in marks.items()}

@@ -17,7 +17,7 @@ group's summed query (grouped prefill). Does the question's own query find the n
 import argparse
 from contextlib import nullcontext
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import mlx_longheads  # noqa: F401  (loads OpenBLAS before MLX on Linux)
 import mlx.core as mx
@@ -29,16 +29,18 @@ from mlx_longheads.models import apply_longheads
 from mlx_longheads.tasks import make_sample
 
 
-def forcing(chunk: int):
-    """select_chunks with `chunk` among every head's retrieved slots (when a candidate)."""
-    original = longheads.select_chunks
+def forcing(chunk: int, rule: Optional[Callable[..., mx.array]] = None):
+    """A selection rule (`rule`, `longheads.select_chunks` unless given) with `chunk` among
+    every head's retrieved slots (when a candidate): it replaces the lowest-numbered one."""
+    rule = rule or longheads.select_chunks
 
-    def select(query_sums, representations, own, k, n_kv_heads=None):
-        slots = original(query_sums, representations, own, k, n_kv_heads)
-        retrieved = slots[..., 1 : k - 2]
+    def select(*args, **kwargs):
+        slots = rule(*args, **kwargs)  # [..., k]: [0, retrieved, own-1, own]
+        k = slots.shape[-1]
+        retrieved, own = slots[..., 1 : k - 2], slots[..., -1:].astype(mx.int32)
         first = mx.full(retrieved[..., :1].shape, chunk, retrieved.dtype)
         swapped = mx.sort(mx.concatenate([first, retrieved[..., 1:]], axis=-1), axis=-1)
-        keep = (retrieved == chunk).any(axis=-1, keepdims=True) | (own[:, None] - 2 < chunk)
+        keep = (retrieved == chunk).any(axis=-1, keepdims=True) | (own - 2 < chunk)
         retrieved = mx.where(keep, retrieved, swapped)
         return mx.concatenate([slots[..., :1], retrieved, slots[..., k - 2 :]], axis=-1)
 
