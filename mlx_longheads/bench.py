@@ -63,6 +63,7 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads-filter": LongHeadsConfig(selection="one_pass_filter"),  # one pass, a calibrated filter layer
     "longheads-carry": LongHeadsConfig(selection="two_pass_carry"),  # each group twice past F, a token too
     "longheads-prompt": LongHeadsConfig(selection="two_pass_prompt"),  # a prompt chunk twice, a token once
+    "longheads-reread": LongHeadsConfig(selection="one_pass_reread"),  # as the default, the question read again
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats
@@ -198,7 +199,7 @@ def use_method(model: nn.Module, stock: List[nn.Module], config: Optional[LongHe
     for layer, attention in zip(model.layers, stock):
         layer.self_attn = attention
     vars(model).pop("make_cache", None)  # apply_longheads' instance attribute
-    model.__class__ = with_linked_call(type(model), False)
+    model.__class__ = with_linked_call(type(model), None)
     if config is not None:
         apply_longheads(model, config)
 

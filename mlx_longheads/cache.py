@@ -53,6 +53,11 @@ class LongHeadsCache(_BaseCache):
         # 0's cache only): per token, the choice of the group whose newest query it is,
         # as `record_choice` writes it; share -1 where no group's newest query is.
         self.choices: Optional[mx.array] = None
+        # [B, capacity] int32 ("one_pass_reread", layer 0's cache only): the token ids,
+        # as `record_tokens` writes them; and the offset at the end of the last call of
+        # several tokens (a prompt's end, None after a cut before it).
+        self.tokens: Optional[mx.array] = None
+        self.prompt_end: Optional[int] = None
         self.offset = 0
 
     @property
@@ -123,6 +128,10 @@ class LongHeadsCache(_BaseCache):
             fresh = mx.full((B, new_capacity, self.choices.shape[-1]), -1.0)
             fresh[:, : self.choices.shape[1]] = self.choices
             self.choices = fresh
+        if self.tokens is not None:
+            fresh = mx.zeros((B, new_capacity), mx.int32)
+            fresh[:, : self.tokens.shape[1]] = self.tokens
+            self.tokens = fresh
 
     def append(
         self, queries: mx.array, keys: mx.array, values: mx.array
@@ -184,6 +193,18 @@ class LongHeadsCache(_BaseCache):
         rows = mx.full((B, tokens - 1, 1 + s), -1.0)
         self.choices[:, start : start + tokens] = mx.concatenate([rows, newest[:, None]], axis=1)
 
+    def record_tokens(self, inputs: mx.array) -> None:
+        """Note the ids [B, T] of a call's tokens at the offset, before they are appended,
+        so that a prompt's last tokens can be read again."""
+        B, T = inputs.shape
+        end = self.offset + T
+        if self.tokens is None or self.tokens.shape[1] < end:
+            fresh = mx.zeros((B, max(end, self.capacity)), mx.int32)
+            if self.tokens is not None:
+                fresh[:, : self.tokens.shape[1]] = self.tokens
+            self.tokens = fresh
+        self.tokens[:, self.offset : end] = inputs.astype(mx.int32)
+
     def recent_choice(self, start: int, span: int) -> Tuple[mx.array, mx.array]:
         """The most peaked choice noted at the `span` tokens before `start` (after
         `record_choice`): its share [B] (-1 where none was noted) and chunks [B, s]."""
@@ -207,6 +228,8 @@ class LongHeadsCache(_BaseCache):
             self.queries,
             self.undo_queries,
             None if self.choices is None else self.choices[:, :used],
+            None if self.tokens is None else self.tokens[:, :used],
+            self.prompt_end,
             self.offset,
             self.chunk_size,
             self.bits,
@@ -218,11 +241,11 @@ class LongHeadsCache(_BaseCache):
         self.max_size = None
         if not v:
             self.keys = self.values = self.representations = self.queries = None
-            self.undo_queries = self.choices = None
+            self.undo_queries = self.choices = self.tokens = self.prompt_end = None
             self.offset = 0
             return
-        keys, values, representations, queries, undo_queries, self.choices = v[:6]
-        self.offset, self.chunk_size, self.bits, self.group_size = v[6:]
+        keys, values, representations, queries, undo_queries, self.choices, self.tokens = v[:7]
+        self.prompt_end, self.offset, self.chunk_size, self.bits, self.group_size = v[7:]
         # A loaded file gives lists where the state had tuples.
         self.keys, self.values = (tuple(b) if self.bits else b for b in (keys, values))
         self.queries, self.undo_queries = queries, undo_queries
@@ -268,6 +291,8 @@ class LongHeadsCache(_BaseCache):
             self.representations[:, :, chunk:complete] = 0
         trimmed = self.offset - (chunk * w + inside)
         self.offset -= trimmed
+        if self.prompt_end is not None and self.prompt_end > self.offset:
+            self.prompt_end = None
         return trimmed
 
     def make_mask(self, *args, **kwargs):
@@ -284,7 +309,7 @@ class LongHeadsCache(_BaseCache):
     @property
     def buffers(self) -> List[mx.array]:
         """Every array the cache holds (each quantized buffer's parts separately)."""
-        arrays = (self.keys, self.values, self.representations, self.queries, self.undo_queries, self.choices)
+        arrays = (self.keys, self.values, self.representations, self.queries, self.undo_queries, self.choices, self.tokens)
         return [a for _, a in tree_flatten(arrays) if a is not None]
 
     @property

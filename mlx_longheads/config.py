@@ -3,11 +3,13 @@
 from dataclasses import dataclass, replace
 from typing import Literal, Optional
 
-Selection = Literal["two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt", "query_head", "kv_head"]
-SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt", "query_head", "kv_head")
-LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt")
+Selection = Literal[
+    "two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt", "one_pass_reread", "query_head", "kv_head"
+]
+SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt", "one_pass_reread", "query_head", "kv_head")
+LINKED_SELECTIONS = ("two_pass_carry", "one_pass_filter", "two_pass_prompt", "one_pass_prompt", "one_pass_reread")
 # A calibrated filter layer chooses (for a decoded token at least).
-FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt", "one_pass_prompt")
+FILTERING_SELECTIONS = ("one_pass_filter", "two_pass_prompt", "one_pass_prompt", "one_pass_reread")
 # Selections that lost their comparison, when they left the library and what answers what
 # they did (docs/evaluation.md has their results and the commits that removed them).
 REMOVED_SELECTIONS = {
@@ -49,6 +51,12 @@ class LongHeadsConfig:
       decoded token) as "one_pass_filter" (`longheads.PromptRelay`): the answers of
       "two_pass_prompt" on the prompts both ran, at one pass's prefill and
       "one_pass_filter"'s reads per decoded token (README).
+      "one_pass_reread": as "one_pass_prompt", and at a prompt's last token (a call of
+      one token after a call of several, past F) the question, the tokens from the chunk
+      before the last token's on, is read again with every layer following the choice the
+      last token made, before the last token is read again (`longheads.RereadRelay`):
+      past F the question's keys and values were made in windows chosen before the
+      question was complete, which in many layers missed the fact it asks about (README).
       "two_pass_prompt": as "one_pass_prompt", but a prompt's chunk as "two_pass_carry"
       reads it (twice): the default until 2026-12-03, at half the prefill speed.
       "two_pass_carry" runs each group of queries past F through the model twice: the
@@ -73,7 +81,7 @@ class LongHeadsConfig:
     kv_group_size: elements sharing one scale and bias, along the head dim; None: 64,
       or the head dim when it is smaller.
     filter_layer: the layer whose choice "one_pass_filter" (and "two_pass_prompt" and
-      "one_pass_prompt" at a decoded token) shares; None: calibrated on the loaded model when LongHeads is applied.
+      "one_pass_prompt" and "one_pass_reread" at a decoded token) shares; None: calibrated on the loaded model when LongHeads is applied.
     """
 
     chunk_size: Optional[int] = None
@@ -100,6 +108,11 @@ class LongHeadsConfig:
     def filters(self) -> bool:
         """Whether a filter layer (`filter_layer`, calibrated) chooses for a decoded token."""
         return self.selection in FILTERING_SELECTIONS
+
+    @property
+    def notes_tokens(self) -> bool:
+        """Whether layer 0's cache notes the token ids, to read a question again from them."""
+        return self.selection == "one_pass_reread"
 
     @property
     def links_layers(self) -> bool:

@@ -166,7 +166,7 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
     at a time, and the paper's rule with its chunk score or forced chunks changed;
     designs: the selection rules side by side: the paper's per-head rule at its
     threshold F = L and at F = the trained length, two_pass_carry, one_pass_filter,
-    two_pass_prompt and one_pass_prompt.
+    two_pass_prompt, one_pass_prompt and one_pass_reread.
     Lengths are fractions of the trained length, rounded to a multiple of every chunk
     size used."""
     fraction = lambda f: int(trained_length * f) // 256 * 256  # noqa: E731
@@ -186,7 +186,7 @@ def presets(trained_length: int) -> Dict[str, List[str]]:
         "designs": [
             "full", f"longheads:sel=query_head,F={quarter}", "longheads:sel=query_head",
             "longheads:sel=two_pass_carry", "longheads:sel=one_pass_filter", "longheads:sel=two_pass_prompt",
-            "longheads:sel=one_pass_prompt",
+            "longheads:sel=one_pass_prompt", "longheads:sel=one_pass_reread",
         ],
     }
 

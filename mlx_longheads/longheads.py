@@ -430,6 +430,77 @@ class PromptRelay:
         return self.active.choose(layer, block, measure)
 
 
+class RereadRelay(PromptRelay):
+    """What the "one_pass_reread" selection carries: "one_pass_prompt"'s, and at a prompt's
+    last token the question read again by the choice that token makes.
+
+    Past F a prompt's chunk is read before the question is complete: its keys and values
+    are made in windows chosen by what came before. On the plain-fact task at 16k the
+    default then missed 14 of 20 facts that stock attention reads from a bare window
+    (chunk 0, the fact's chunk, the question's two chunks: 17 / 20). Forcing the fact's
+    chunk into every window at the answer recovered none of those misses; forcing it from
+    the question's first token on recovered 5 of 7; reading the question's two chunks
+    again with every layer following the choice the prompt's last token made, without
+    knowing the fact, recovered the same 5 and 1 more (results/question_window_fact_16k.md).
+    So at a prompt's last token past F (`answer`):
+      - the token is read as "one_pass_prompt" reads it, for its filter layer's choice;
+      - the caches are cut back to the start of the chunk before the token's (not below
+        F), and those tokens are read again (in groups, as a prompt is), every layer's
+        shared slots following that choice, which the groups note;
+      - the token is read again, and its logits are the call's.
+    Once per prompt that reads at most 2w tokens again; a decoded token costs what
+    "one_pass_prompt"'s does. The ids are noted in layer 0's cache (`record_tokens`), so
+    trimming, saving and restoring a cache keep what a question is read again from.
+    """
+
+    def __init__(self, prompt: CarryRelay, filter: FilterRelay):
+        super().__init__(prompt, filter)
+        self.followed: Optional[mx.array] = None  # [B, 1, C]: the choice a re-read follows
+        self.chunks = 0  # the chunks complete at the group being read again
+
+    def answer(self, call: Callable[[mx.array], mx.array], inputs: mx.array, caches: List[LongHeadsCache]) -> mx.array:
+        """The logits of `call` (the model's linked call) on `inputs` [B, T], the question
+        read again first where they are a prompt's last token past F. Whether they are is
+        known on the host from offsets alone: no wait for an earlier step's results."""
+        cache = caches[0]
+        w, offset = self.filter.span, cache.offset
+        start = max((offset // w - 1) * w, self.filter.full_length)
+        cache.record_tokens(inputs)
+        if inputs.shape[1] > 1:
+            logits = call(inputs)
+            cache.prompt_end = cache.offset
+            return logits
+        if cache.prompt_end != offset or start >= offset:
+            return call(inputs)
+        question = cache.tokens[:, start:offset]
+        call(inputs)
+        followed = self.filter.kept
+        roll_back(caches, offset + 1 - start, followed)
+        self.followed = followed
+        try:
+            call(question)
+        finally:
+            self.followed = None
+        return call(inputs)
+
+    def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
+        """One group through `forward`: as "one_pass_prompt", or, read again, following
+        the last token's choice, which it notes."""
+        if self.followed is None:
+            return super().run(forward, caches, tokens)
+        self.chunks = (caches[0].offset + tokens) // self.filter.span
+        out = forward()
+        note_choice(caches[0], tokens, self.followed, peakedness(self.followed), self.filter.shared)
+        return out
+
+    def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
+        """The pooled attention `layer`'s shared slots follow: the last token's, in a
+        re-read (over the chunks complete at its group), else as "one_pass_prompt"."""
+        if self.followed is None:
+            return super().choose(layer, block, measure)
+        return self.followed[..., : self.chunks]
+
+
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:
     """Row of each slot's chunk in a cache buffer viewed as [B * Hk * n_chunks, w, D].
 

@@ -30,7 +30,7 @@ def kv_element_bytes(itemsize: int, longheads: Optional[LongHeadsConfig]) -> flo
 def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConfig]) -> int:
     """Keys and values (plus LongHeads' representations, 1 + UNDO_CHUNKS chunks of
     queries and, with a selection that links layers, layer 0's noted choices:
-    float32 per token)."""
+    float32 per token; and its token ids, int32, where the selection notes them)."""
     args = model.args
     heads, kv_heads = args.num_attention_heads, args.num_key_value_heads
     head_dim = model_head_dim(args)
@@ -44,7 +44,7 @@ def cache_bytes(model: nn.Module, tokens: int, longheads: Optional[LongHeadsConf
         extra = (1 + UNDO_CHUNKS) * heads * w * head_dim * itemsize
     choices = 0
     if longheads is not None and longheads.links_layers:
-        choices = tokens * (1 + longheads.shared_slots) * 4
+        choices = tokens * (1 + longheads.shared_slots + longheads.notes_tokens) * 4
     return int(len(model.layers) * (per_token * tokens + extra) + choices)
 
 

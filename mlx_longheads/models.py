@@ -15,7 +15,7 @@ import mlx.nn as nn
 from .cache import LongHeadsCache
 from .config import ConfigError, LongHeadsConfig
 from .calibrate import filter_layer
-from .longheads import CarryRelay, FilterRelay, PeakedRelay, PromptRelay, longheads_attention
+from .longheads import CarryRelay, FilterRelay, PeakedRelay, PromptRelay, RereadRelay, longheads_attention
 from .support import ARCHITECTURES
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -102,10 +102,19 @@ def group_pieces(config: LongHeadsConfig, start: int, tokens: int) -> List[Tuple
     return [(first, last, first >= below) for first, last in zip(bounds, bounds[1:])]
 
 
-def with_linked_call(cls: type, linked: bool) -> type:
-    """A model class with `LinkedCall` mixed in, or taken out again."""
+class RereadCall(LinkedCall):
+    """The forward call under "one_pass_reread": `LinkedCall`'s, through the relay's
+    `answer`, which reads a question again at a prompt's last token."""
+
+    def __call__(self, inputs: mx.array, cache: Optional[List[LongHeadsCache]] = None) -> mx.array:
+        cache = self.make_cache() if cache is None else cache
+        return self.relay.answer(partial(LinkedCall.__call__, self, cache=cache), inputs, cache)
+
+
+def with_linked_call(cls: type, call: Optional[type]) -> type:
+    """A model class with `call` (`LinkedCall` or `RereadCall`) mixed in, or none (None)."""
     base = cls.__bases__[1] if issubclass(cls, LinkedCall) else cls
-    return type(base.__name__, (LinkedCall, base), {}) if linked else base
+    return base if call is None else type(base.__name__, (call, base), {})
 
 
 def check_supported(model: nn.Module) -> None:
@@ -140,7 +149,7 @@ def make_cache(config: LongHeadsConfig, max_size: Optional[int] = None) -> LongH
     return LongHeadsCache(config.chunk_size, max_size, config.kv_bits, config.kv_group_size)
 
 
-Relay = Union[CarryRelay, FilterRelay, PromptRelay]
+Relay = Union[CarryRelay, FilterRelay, PromptRelay, RereadRelay]
 
 
 def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
@@ -148,11 +157,13 @@ def make_relay(config: LongHeadsConfig) -> Optional[Relay]:
     F = config.full_chunks * config.chunk_size
     carry = CarryRelay(config.shared_slots, config.chunk_size)
     filter = FilterRelay(config.shared_slots, config.chunk_size, F, config.filter_layer)
+    peaked = PeakedRelay(config.shared_slots, config.chunk_size)
     relays = {
         "two_pass_carry": carry,
         "one_pass_filter": filter,
         "two_pass_prompt": PromptRelay(carry, filter),
-        "one_pass_prompt": PromptRelay(PeakedRelay(config.shared_slots, config.chunk_size), filter),
+        "one_pass_prompt": PromptRelay(peaked, filter),
+        "one_pass_reread": RereadRelay(peaked, filter),
     }
     return relays.get(config.selection)
 
@@ -185,7 +196,8 @@ def apply_longheads(
     for index, layer in enumerate(model.layers):
         link = None if relay is None else partial(relay.choose, index)
         layer.self_attn = LongHeadsAttention(layer.self_attn, config, link)
-    model.__class__ = with_linked_call(type(model), config.links_layers)
+    call = RereadCall if isinstance(relay, RereadRelay) else LinkedCall if config.links_layers else None
+    model.__class__ = with_linked_call(type(model), call)
     if config.links_layers:
         model.relay = relay
     # An instance attribute: mlx-lm's make_prompt_cache calls model.make_cache().

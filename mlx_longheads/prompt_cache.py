@@ -22,7 +22,8 @@ from .config import REMOVED_SELECTIONS, SELECTIONS, LongHeadsConfig
 # 2: the cache state carries kv_bits and kv_group_size (quantized K/V).
 # 3: and the raw queries of the last complete chunks (exact trim).
 # 4: and the choices of the selections that link layers (None for the others).
-FORMAT_VERSION = "4"
+# 5: and the token ids "one_pass_reread" reads a question again from (None for the others).
+FORMAT_VERSION = "5"
 REBUILD = "delete it and run the prompt again to rebuild it"
 
 
@@ -130,4 +131,6 @@ def inconsistency(cache: List[Any], model: nn.Module) -> Optional[str]:
             return f"{undo} queries kept of complete chunks of {w}, {c.complete_chunks} complete"
         if c.choices is not None and c.choices.shape[1] != held:
             return f"{c.choices.shape[1]} noted choices for {held} stored tokens"
+        if c.tokens is not None and c.tokens.shape[1] != held:
+            return f"{c.tokens.shape[1]} noted token ids for {held} stored tokens"
     return None

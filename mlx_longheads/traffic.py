@@ -81,7 +81,8 @@ def decode_reads(shape: ModelShape, config: Optional[LongHeadsConfig], context: 
     representations of the complete chunks where a head ranks them itself, and every
     complete chunk's keys once per KV head for the pooled attention: in every layer of
     "two_pass_carry"'s first pass, in the filter layer alone with "one_pass_filter",
-    "two_pass_prompt" and "one_pass_prompt" (whose decoded tokens make one pass).
+    "two_pass_prompt", "one_pass_prompt" and "one_pass_reread" (whose decoded tokens make
+    one pass; the last's question, read again once per prompt, is not a decoded token's).
     """
     D, Hk, kv_item = shape.head_dim, shape.kv_heads, kv_element_bytes(shape.itemsize, config)
     reads = dict.fromkeys(PARTS, 0.0)

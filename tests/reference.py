@@ -140,7 +140,9 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
         layers before it the earlier group's chunks below (none where no group noted
         one: each head ranks all its slots);
     "two_pass_prompt" and "one_pass_prompt" give a group of several queries the rule
-    "two_pass_carry" and "one_pass_peaked", a group of one "one_pass_filter". In each case
+    "two_pass_carry" and "one_pass_peaked", a group of one "one_pass_filter"; so does
+    "one_pass_reread" as "one_pass_prompt" (its question read again is a model's call,
+    tests/test_reread.py). In each case
     a layer's mass is replaced, where its share is smaller, by the top chunks noted by
     an earlier group whose newest query is among the w tokens before the group's first
     (the most peaked of them). Each group notes the top chunks and share of the mass its
@@ -148,7 +150,7 @@ def linked_layers(layers, w, L, scale, base, selection, filter_layer=0, group_of
     gaps = [np.inf]
     group_of = np.arange(layers[0][0].shape[1]) if group_of is None else np.asarray(group_of)
     shared = -(-(L // w - 3) // 2)
-    prompt_rules = {"two_pass_prompt": "two_pass_carry", "one_pass_prompt": "one_pass_peaked"}
+    prompt_rules = {"two_pass_prompt": "two_pass_carry", "one_pass_prompt": "one_pass_peaked", "one_pass_reread": "one_pass_peaked"}
 
     def mass_and_share(layer, newest):
         q, k, _ = layers[layer]

@@ -87,7 +87,7 @@ def test_the_calibration_runs_the_models_own_attention_whatever_f_is():
         (LongHeadsConfig(8, 32, selection="one_pass_filter", filter_layer=2),
          "filter_layer 2 is past the model's last layer (1)"),
         (LongHeadsConfig(8, 32, selection="query_head", filter_layer=1),
-         "filter_layer 1 applies to the one_pass_filter, two_pass_prompt and one_pass_prompt selections only"),
+         "filter_layer 1 applies to the one_pass_filter, two_pass_prompt, one_pass_prompt and one_pass_reread selections only"),
     ],
 )
 def test_a_filter_layer_that_cannot_work_is_refused_in_one_line(config, message):

@@ -252,7 +252,7 @@ def test_kv_bits_3_is_refused_by_its_rule(loaded, capfd):
     "flags, message",
     [
         (["--selection", "one_pass_filter", "--filter-layer", "30"], "filter_layer 30 is past the model's last layer (29)"),
-        (["--selection", "query_head", "--filter-layer", "3"], "filter_layer 3 applies to the one_pass_filter, two_pass_prompt and one_pass_prompt selections only"),
+        (["--selection", "query_head", "--filter-layer", "3"], "filter_layer 3 applies to the one_pass_filter, two_pass_prompt, one_pass_prompt and one_pass_reread selections only"),
     ],
 )
 def test_a_filter_layer_that_cannot_work_is_refused_by_its_rule(flags, message, loaded, capfd):

@@ -142,7 +142,7 @@ def test_dynamic_ntk_rope_is_refused():
         (LongHeadsConfig(8, 512), "exceeds the model's trained length 256", "use at most 256"),
         (LongHeadsConfig(24, 64), "must be a multiple of chunk_size 24", "choose a chunk_size that divides it"),
         (LongHeadsConfig(32, 96), "at least 4 are needed", "lower chunk_size or raise attention_length"),
-        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'two_pass_carry', 'one_pass_filter', 'two_pass_prompt', 'one_pass_prompt', 'query_head', 'kv_head'"),
+        (LongHeadsConfig(8, 64, selection="head"), "selection must be", "'two_pass_carry', 'one_pass_filter', 'two_pass_prompt', 'one_pass_prompt', 'one_pass_reread', 'query_head', 'kv_head'"),
         (LongHeadsConfig(8, 64, selection="pooled"), "selection 'pooled' was removed", "use one of 'two_pass_carry'"),
         (LongHeadsConfig(8, 64, full_attention_length=32), "at least attention_length 64", "use 64 for the paper's rule"),
         (LongHeadsConfig(8, 64, full_attention_length=100), "must be a multiple of chunk_size 8", "or the trained length"),

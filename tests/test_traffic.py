@@ -118,5 +118,5 @@ def test_at_llama3_8b_shapes_two_pass_carry_reads_nearly_what_stock_attention_do
     assert total(resolve("two_pass_carry")) > 0.8 * total(None)
     assert total(resolve("query_head")) < 0.35 * total(None)
     assert total(resolve("one_pass_filter")) < 1.15 * total(resolve("query_head"))
-    for prompt_reader in ("two_pass_prompt", "one_pass_prompt"):
+    for prompt_reader in ("two_pass_prompt", "one_pass_prompt", "one_pass_reread"):
         assert decode_reads(LLAMA3_8B, resolve(prompt_reader), 131072) == decode_reads(LLAMA3_8B, resolve("one_pass_filter"), 131072)
