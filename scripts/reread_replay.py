@@ -66,7 +66,8 @@ def main() -> None:
         study = json.loads(stem.with_name(f"{stem.name}_question_window.json").read_text())["answers"][STUDY_ARM][0]
         score = sample.score(text)
         right += score >= 1
-        agrees = text.strip() == study.strip()  # the study decoded the tokens at once: a leading space
+        # The study decoded the tokens at once (a leading space) and past the end of the turn.
+        agrees = text.strip() == study.split(tokenizer.eos_token)[0].strip()
         same += agrees
         print(index, repr(text), "same as the study" if agrees else f"the study: {study!r}", flush=True)
         cell = lambda t: repr(t.strip()[:30]).replace("|", "\\|")

@@ -101,6 +101,7 @@ def test_method_names_are_canonical():
         "longheads:L=2048,w=256,sel=one_pass_filter,prefill=grouped,F=8192",
         "longheads:L=2048,w=256,sel=two_pass_prompt,prefill=grouped,F=8192",
         "longheads:L=2048,w=256,sel=one_pass_prompt,prefill=grouped,F=8192",
+        "longheads:L=2048,w=256,sel=one_pass_reread,prefill=grouped,F=8192",
     ]
     given = evaluation.parse_method("longheads:sel=one_pass_filter,filter=18", flags, trained)
     assert (given.config.filter_layer, given.name) == (18, designs[4] + ",filter=18")

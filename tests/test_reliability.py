@@ -98,9 +98,9 @@ def assert_cache_holds(cache: List[LongHeadsCache], tokens: int) -> None:
         # Linear in the capacity: keys and values per token, a representation per
         # chunk, the queries of the incomplete chunk and of the last (at most
         # UNDO_CHUNKS) complete ones, and a noted choice per token where the two-pass
-        # selections noted one (layer 0).
-        noted = 0 if layer.choices is None else layer.choices.nbytes
-        assert noted == 0 or layer.choices.shape[1] == capacity
+        # selections noted one, and its id where the selection reads a question again (layer 0).
+        noted = sum(0 if a is None else a.nbytes for a in (layer.choices, layer.tokens))
+        assert all(a is None or a.shape[1] == capacity for a in (layer.choices, layer.tokens))
         assert layer.nbytes - noted == FLOAT32 * HEAD_DIM * (
             capacity * 2 * Hk + capacity // w * H + (1 + min(UNDO_CHUNKS, complete)) * w * H
         )
@@ -259,7 +259,8 @@ def test_buffers_grow_by_one_step_and_preallocation_keeps_nbytes_constant(w, max
     arch=st.sampled_from(list(ARCHITECTURES)),
     w=st.sampled_from([4, 8]),
     chunks=st.integers(4, 5),
-    selection=st.sampled_from(SELECTIONS),
+    # Not "one_pass_reread": a call of one token after one of several is a prompt's end to it.
+    selection=st.sampled_from([s for s in SELECTIONS if s != "one_pass_reread"]),
     cuts=st.lists(st.integers(1, 30), min_size=2, max_size=5),
 )
 def test_exact_prefill_split_anyhow_then_generation_past_L_equals_token_by_token(
