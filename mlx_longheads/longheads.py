@@ -436,26 +436,28 @@ class RereadRelay(PromptRelay):
 
     Past F a prompt's chunk is read before the question is complete: its keys and values
     are made in windows chosen by what came before. On the plain-fact task at 16k the
-    default then missed 14 of 20 facts that stock attention reads from a bare window
-    (chunk 0, the fact's chunk, the question's two chunks: 17 / 20). Forcing the fact's
-    chunk into every window at the answer recovered none of those misses; forcing it from
-    the question's first token on recovered 5 of 7; reading the question's two chunks
-    again with every layer following the choice the prompt's last token made, without
-    knowing the fact, recovered the same 5 and 1 more (results/question_window_fact_16k.md).
-    So at a prompt's last token past F (`answer`):
-      - the token is read as "one_pass_prompt" reads it, for its filter layer's choice;
+    default missed 14 of 20 facts that stock attention reads from a bare window (chunk 0,
+    the fact's chunk, the question's two chunks: 17 / 20). Forcing the fact's chunk into
+    every window at the answer recovered none of those misses; forcing it from the
+    question's first token on, 5 of 7; reading the question's two chunks again following
+    the last token's choice, without knowing the fact, the same 5 and 1 more
+    (results/question_window_fact_16k.md). So at a prompt's last token past F (`answer`):
+      - the token is read as "one_pass_prompt" reads it, for its filter layer's own choice
+        (the one measured, not a carried one it kept instead: the question's tokens followed
+        the carried ones when the prompt was read; results/reread_replay_*.md);
       - the caches are cut back to the start of the chunk before the token's (not below
-        F), and those tokens are read again (in groups, as a prompt is), every layer's
-        shared slots following that choice, which the groups note;
+        F), and those tokens are read again, in groups as a prompt is, every layer's shared
+        slots following that choice, which the groups note with its share;
       - the token is read again, and its logits are the call's.
     Once per prompt that reads at most 2w tokens again; a decoded token costs what
-    "one_pass_prompt"'s does. The ids are noted in layer 0's cache (`record_tokens`), so
-    trimming, saving and restoring a cache keep what a question is read again from.
+    "one_pass_prompt"'s does. The ids are noted in layer 0's cache (`record_tokens`), and the
+    prompt's end too, so that a saved prompt reads its question again when loaded. A cut
+    after the answer's first token does not undo the question read again.
     """
 
     def __init__(self, prompt: CarryRelay, filter: FilterRelay):
         super().__init__(prompt, filter)
-        self.followed: Optional[mx.array] = None  # [B, 1, C]: the choice a re-read follows
+        self.followed: Optional[Tuple[mx.array, mx.array]] = None  # (pooled [B, 1, C], share [B, 1])
         self.chunks = 0  # the chunks complete at the group being read again
 
     def answer(self, call: Callable[[mx.array], mx.array], inputs: mx.array, caches: List[LongHeadsCache]) -> mx.array:
@@ -474,7 +476,7 @@ class RereadRelay(PromptRelay):
             return call(inputs)
         question = cache.tokens[:, start:offset]
         call(inputs)
-        followed = self.filter.kept
+        followed = self.filter.fresh
         roll_back(caches, offset + 1 - start, followed)
         self.followed = followed
         try:
@@ -490,7 +492,7 @@ class RereadRelay(PromptRelay):
             return super().run(forward, caches, tokens)
         self.chunks = (caches[0].offset + tokens) // self.filter.span
         out = forward()
-        note_choice(caches[0], tokens, self.followed, peakedness(self.followed), self.filter.shared)
+        note_choice(caches[0], tokens, *self.followed, self.filter.shared)
         return out
 
     def choose(self, layer: int, block: int, measure: Callable[[], mx.array]) -> Optional[mx.array]:
@@ -498,7 +500,7 @@ class RereadRelay(PromptRelay):
         re-read (over the chunks complete at its group), else as "one_pass_prompt"."""
         if self.followed is None:
             return super().choose(layer, block, measure)
-        return self.followed[..., : self.chunks]
+        return self.followed[0][..., : self.chunks]
 
 
 def chunk_rows(slots: mx.array, n_kv_heads: int, n_chunks: int) -> mx.array:

@@ -55,9 +55,11 @@ def test_the_question_is_read_again_and_nothing_before_it(n):
 
 
 def test_every_layer_of_the_reread_follows_the_last_tokens_choice(monkeypatch):
-    """The last token's first pass chooses chunk 3 (its filter layer's pooled attention made
-    to peak there), every measurement after it chunk 10, more peaked: chunk 3 is in every head's window
-    of every layer while the question is read again, and is noted as its groups' choice."""
+    """The last token's first pass measures chunk 3 at its filter layer, barely peaked (so
+    that the choice the prompt's last groups noted, more peaked, is what that pass keeps),
+    every measurement after it chunk 10, sharply: the question is read again following the
+    complete question's own choice, chunk 3 in every head's window of every layer, noted
+    as its groups' choice; the last pass follows its own peak."""
     model, x = model_with("one_pass_reread"), tokens(130)
     cache = model.make_cache()
     model(x[:, :-1], cache=cache)
@@ -70,13 +72,14 @@ def test_every_layer_of_the_reread_follows_the_last_tokens_choice(monkeypatch):
 
     def peaked(queries, cache, own, rope, scale):
         pooled = measure(queries, cache, own, rope, scale)
-        peaks.append(3 if not peaks else 10)  # 10 more peaked: it wins over the noted 3
-        return mx.where(mx.arange(pooled.shape[-1]) == peaks[-1], 1.0, 0.01 if peaks[-1] == 3 else 0.001) + 0 * pooled
+        peaks.append(3 if not peaks else 10)  # a share of 1 / (1 + 15 * 0.99) = 0.063, then 0.985
+        return mx.where(mx.arange(pooled.shape[-1]) == peaks[-1], 1.0, 0.99 if peaks[-1] == 3 else 0.001) + 0 * pooled
 
     monkeypatch.setattr(longheads, "select_chunks_pooled", recording)
     monkeypatch.setattr(longheads, "pooled_attention", peaked)
     model(x[:, -1:], cache=cache)
     assert peaks == [3, 10]  # the filter layer at the last token's two passes, none in the re-read
+    assert not (windows[1] == 3).any(axis=-1).all()  # the first pass kept the prompt's noted choice
     reread = windows[2:-2]  # after the last token's first pass (2 layers), before its last
     assert len(reread) == 2 * 2  # two groups (chunk 15, and chunk 16's first token) of 2 layers
     assert all((slots == 3).any(axis=-1).all() for slots in reread)
