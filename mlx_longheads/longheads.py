@@ -376,6 +376,7 @@ class FilterRelay:
         self.carried: Optional[Tuple[mx.array, mx.array]] = None  # (pooled [B, 1, C], share [B, 1])
         self.fresh: Optional[Tuple[mx.array, mx.array]] = None  # the filter layer's own
         self.kept: Optional[mx.array] = None  # what the filter layer and those after it follow
+        self.kept_share: Optional[mx.array] = None  # [B, 1]: its share (the carried one's where kept)
 
     def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
         """One group's pass through `forward` (its `tokens` queries after the caches'
@@ -394,10 +395,11 @@ class FilterRelay:
         if layer == self.layer:
             pooled = measure()
             share = peakedness(pooled)
-            self.fresh, self.kept = (pooled, share), pooled
+            self.fresh, self.kept, self.kept_share = (pooled, share), pooled, share
             if self.carried is not None:
                 carried, carried_share = self.carried
                 self.kept = mx.where((carried_share > share)[..., None], carried, pooled)
+                self.kept_share = mx.maximum(carried_share, share)
         return self.kept
 
 
@@ -476,7 +478,7 @@ class RereadRelay(PromptRelay):
             return call(inputs)
         question = cache.tokens[:, start:offset]
         call(inputs)
-        followed = self.filter.fresh
+        followed = self.filter.kept, self.filter.kept_share
         roll_back(caches, offset + 1 - start, followed)
         self.followed = followed
         try:
