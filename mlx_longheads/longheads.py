@@ -441,15 +441,18 @@ class RereadRelay(PromptRelay):
     default missed 14 of 20 facts that stock attention reads from a bare window (chunk 0,
     the fact's chunk, the question's two chunks: 17 / 20). Forcing the fact's chunk into
     every window at the answer recovered none of those misses; forcing it from the
-    question's first token on, 5 of 7; reading the question's two chunks again following
-    the last token's choice, without knowing the fact, the same 5 and 1 more
-    (results/question_window_fact_16k.md). So at a prompt's last token past F (`answer`):
-      - the token is read as "one_pass_prompt" reads it, for its filter layer's own choice
-        (the one measured, not a carried one it kept instead: the question's tokens followed
-        the carried ones when the prompt was read; results/reread_replay_*.md);
+    question's first token on, 6 of 12; reading the question's two chunks again following
+    the last token's choice, without knowing the fact, the same 6
+    (results/question_window_fact_16k.md; this rule, replayed on the default's prefills:
+    12 / 20, results/reread_replay_fact_16k.md). So at a prompt's last token past F (`answer`):
+      - the token is read as "one_pass_prompt" reads it, for the choice its filter layer
+        keeps (its own, or the more peaked one the prompt's last groups noted), with that
+        choice's share;
       - the caches are cut back to the start of the chunk before the token's (not below
         F), and those tokens are read again, in groups as a prompt is, every layer's shared
-        slots following that choice, which the groups note with its share;
+        slots following that choice, which the groups note with its share (following the
+        filter layer's own measure instead answered needle 16k 7 but lost three multikey
+        prompts, results/reread_replay_own_choice_*.md);
       - the token is read again, and its logits are the call's.
     Once per prompt that reads at most 2w tokens again; a decoded token costs what
     "one_pass_prompt"'s does. The ids are noted in layer 0's cache (`record_tokens`), and the

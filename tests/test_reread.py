@@ -54,15 +54,14 @@ def test_the_question_is_read_again_and_nothing_before_it(n):
     assert np.abs(reread - default).max() > 1e-3
 
 
-def test_every_layer_of_the_reread_follows_the_last_tokens_choice(monkeypatch):
-    """The last token's first pass measures chunk 3 at its filter layer, barely peaked (so
-    that the choice the prompt's last groups noted, more peaked, is what that pass keeps),
-    every measurement after it chunk 10, sharply: the question is read again following the
-    complete question's own choice, chunk 3 in every head's window of every layer, noted
-    as its groups' choice; the last pass follows its own peak."""
-    model, x = model_with("one_pass_reread"), tokens(130)
+def last_token_with_peaks(model, x, first_background: float):
+    """The prompt but its last token read, then the last token with its filter layer's pooled
+    attention made to peak on chunk 3 at its first pass (the other chunks at `first_background`)
+    and on chunk 10 at every measurement after it, sharply (0.001): the windows every layer
+    chose in that call, the peaks measured, the noted choices before the call, and the cache."""
     cache = model.make_cache()
     model(x[:, :-1], cache=cache)
+    noted = np.array(cache[0].choices[0, : cache[0].offset])
     windows, select, measure, peaks = [], longheads.select_chunks_pooled, longheads.pooled_attention, []
 
     def recording(query_sums, representations, pooled, own, k, shared):
@@ -72,19 +71,46 @@ def test_every_layer_of_the_reread_follows_the_last_tokens_choice(monkeypatch):
 
     def peaked(queries, cache, own, rope, scale):
         pooled = measure(queries, cache, own, rope, scale)
-        peaks.append(3 if not peaks else 10)  # a share of 1 / (1 + 15 * 0.99) = 0.063, then 0.985
-        return mx.where(mx.arange(pooled.shape[-1]) == peaks[-1], 1.0, 0.99 if peaks[-1] == 3 else 0.001) + 0 * pooled
+        peaks.append(3 if not peaks else 10)
+        background = first_background if peaks[-1] == 3 else 0.001
+        return mx.where(mx.arange(pooled.shape[-1]) == peaks[-1], 1.0, background) + 0 * pooled
 
-    monkeypatch.setattr(longheads, "select_chunks_pooled", recording)
-    monkeypatch.setattr(longheads, "pooled_attention", peaked)
-    model(x[:, -1:], cache=cache)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(longheads, "select_chunks_pooled", recording)
+        patch.setattr(longheads, "pooled_attention", peaked)
+        model(x[:, -1:], cache=cache)
     assert peaks == [3, 10]  # the filter layer at the last token's two passes, none in the re-read
-    assert not (windows[1] == 3).any(axis=-1).all()  # the first pass kept the prompt's noted choice
+    return windows, noted, cache
+
+
+def test_every_layer_of_the_reread_follows_the_last_tokens_choice():
+    """The last token's first pass measures chunk 3, sharply (a share of 1 / (1 + 15 * 0.01)):
+    its choice. Chunk 3 is then in every head's window of every layer while the question is
+    read again, and noted as its groups' choice; the last pass follows its own, sharper peak."""
+    windows, _, cache = last_token_with_peaks(model_with("one_pass_reread"), tokens(130), 0.01)
     reread = windows[2:-2]  # after the last token's first pass (2 layers), before its last
     assert len(reread) == 2 * 2  # two groups (chunk 15, and chunk 16's first token) of 2 layers
     assert all((slots == 3).any(axis=-1).all() for slots in reread)
-    assert not (windows[-1] == 3).any(axis=-1).all()  # the last pass follows its own peak
-    assert [np.array(cache[0].choices[0, row, 1:]).tolist() for row in (127, 128)] == [[3.0]] * 2
+    assert not (windows[-1] == 3).any(axis=-1).all()
+    for row in (127, 128):  # the groups' newest tokens
+        share, chunk = np.array(cache[0].choices[0, row]).tolist()
+        assert chunk == 3 and share == pytest.approx(1 / (1 + 15 * 0.01))
+
+
+def test_a_carried_choice_the_last_token_kept_is_followed_with_its_own_share():
+    """The last token's first pass measures chunk 3 barely peaked (1 / (1 + 15 * 0.99)): it
+    keeps the more peaked choice the prompt's last groups noted, as the default's last token
+    does. The question is read again following that choice, noted with the share it was
+    noted with (not the 1 / s of its 0/1 mask)."""
+    windows, noted, cache = last_token_with_peaks(model_with("one_pass_reread"), tokens(130), 0.99)
+    recent = noted[121:129]  # the w tokens before the last one
+    share, chunk = recent[np.argmax(recent[:, 0])].tolist()
+    assert share > 1 / (1 + 15 * 0.99) and chunk != 3
+    reread = windows[2:-2]
+    assert not (windows[1] == 3).any(axis=-1).all()  # the first pass kept the carried choice
+    assert all((slots == chunk).any(axis=-1).all() for slots in reread)
+    for row in (127, 128):
+        assert np.array(cache[0].choices[0, row]).tolist() == pytest.approx([share, chunk])
 
 
 @pytest.mark.parametrize("n", [40, 65])  # a prompt inside F, and one whose last token is F's first past
