@@ -55,7 +55,7 @@ from .traffic import PARTS, decode_reads, shape_of
 from . import traffic
 
 METHODS: Dict[str, Optional[LongHeadsConfig]] = {
-    "longheads": LongHeadsConfig(),  # the default: one_pass_prompt, a prompt chunk once, a token once
+    "longheads": LongHeadsConfig(),  # the default: one_pass_reread, a prompt chunk once, a token once
     "longheads-head": LongHeadsConfig(selection="query_head"),  # each query head selects
     "longheads-kv": LongHeadsConfig(selection="kv_head"),  # each KV head selects
     "full": None,  # mlx-lm's stock attention over the whole cache
@@ -63,7 +63,7 @@ METHODS: Dict[str, Optional[LongHeadsConfig]] = {
     "longheads-filter": LongHeadsConfig(selection="one_pass_filter"),  # one pass, a calibrated filter layer
     "longheads-carry": LongHeadsConfig(selection="two_pass_carry"),  # each group twice past F, a token too
     "longheads-prompt": LongHeadsConfig(selection="two_pass_prompt"),  # a prompt chunk twice, a token once
-    "longheads-reread": LongHeadsConfig(selection="one_pass_reread"),  # as the default, the question read again
+    "longheads-one-pass": LongHeadsConfig(selection="one_pass_prompt"),  # the default without the question read again
 }
 DEFAULT_METHODS = "longheads,longheads-head,full"
 FILL_TOKENS = 8192  # the random block a filled cache repeats

@@ -45,18 +45,17 @@ class LongHeadsConfig:
       attends to all of them (stock attention); past it, each head selects. At least
       attention_length (which is the paper's threshold), at most the trained length.
       None: the trained length, so inside it LongHeads answers what the model does.
-    selection: "one_pass_prompt" (the default): a group of several queries past F (a
-      prompt's chunk) in one pass, each layer following the most peaked of the layers
-      up to it and the recent choice (`longheads.PeakedRelay`), a group of one (a
-      decoded token) as "one_pass_filter" (`longheads.PromptRelay`): the answers of
-      "two_pass_prompt" on the prompts both ran, at one pass's prefill and
-      "one_pass_filter"'s reads per decoded token (README).
-      "one_pass_reread": as "one_pass_prompt", and at a prompt's last token (a call of
-      one token after a call of several, past F) the question, the tokens from the chunk
-      before the last token's on, is read again with every layer following the choice the
-      last token made, before the last token is read again (`longheads.RereadRelay`):
-      past F the question's keys and values were made in windows chosen before the
-      question was complete, which in many layers missed the fact it asks about (README).
+    selection: "one_pass_reread" (the default): as "one_pass_prompt", and at a prompt's
+      last token (a call of one token after a call of several, past F) the question, the
+      tokens from the chunk before the last token's on, is read again with every layer
+      following the choice the last token made, before the last token is read again
+      (`longheads.RereadRelay`): past F the question's keys and values were made in
+      windows chosen before the question was complete, which in many layers missed the
+      fact it asks about; read again, twice the plain facts answered at 16k (README).
+      "one_pass_prompt": a group of several queries past F (a prompt's chunk) in one
+      pass, each layer following the most peaked of the layers up to it and the recent
+      choice (`longheads.PeakedRelay`), a group of one (a decoded token) as
+      "one_pass_filter" (`longheads.PromptRelay`): the default until 2026-12-04.
       "two_pass_prompt": as "one_pass_prompt", but a prompt's chunk as "two_pass_carry"
       reads it (twice): the default until 2026-12-03, at half the prefill speed.
       "two_pass_carry" runs each group of queries past F through the model twice: the
@@ -86,7 +85,7 @@ class LongHeadsConfig:
 
     chunk_size: Optional[int] = None
     attention_length: Optional[int] = None
-    selection: Selection = "one_pass_prompt"
+    selection: Selection = "one_pass_reread"
     prefill: Prefill = "grouped"
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None

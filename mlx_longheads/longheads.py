@@ -451,8 +451,8 @@ class RereadRelay(PromptRelay):
       - the caches are cut back to the start of the chunk before the token's (not below
         F), and those tokens are read again, in groups as a prompt is, every layer's shared
         slots following that choice, which the groups note with its share (following the
-        filter layer's own measure instead answered needle 16k 7 but lost three multikey
-        prompts, results/reread_replay_own_choice_*.md);
+        filter layer's own measure instead answered needle 16k 7 but lost needle 5 and
+        three multikey prompts, results/reread_replay_own_choice_*.md);
       - the token is read again, and its logits are the call's.
     Once per prompt that reads at most 2w tokens again; a decoded token costs what
     "one_pass_prompt"'s does. The ids are noted in layer 0's cache (`record_tokens`), and the

@@ -14,7 +14,7 @@ from mlx_longheads.cache import LongHeadsCache
 from mlx_longheads.config import LongHeadsConfig
 from mlx_longheads.eval import code_version
 from mlx_longheads.longheads import chunk_representations, longheads_attention
-from mlx_longheads.models import LinkedCall, apply_longheads
+from mlx_longheads.models import LinkedCall, RereadCall, apply_longheads
 
 
 @pytest.fixture
@@ -117,12 +117,15 @@ def test_decode_continues_from_a_filled_cache_as_from_an_appended_one(context):
 
 
 def test_switching_methods_switches_attention_and_the_linked_call():
-    """The model bench switches one model between methods: the default (two_pass_carry)
-    mixes its call into the model's class once, and stock attention takes it out again."""
+    """The model bench switches one model between methods: a selection that links layers
+    mixes its call into the model's class once (the default its own), and stock attention
+    or a selection that does not take it out again."""
     model = tiny_model("llama")
     stock, own_class = [layer.self_attn for layer in model.layers], type(model)
     for _ in range(2):
-        bench.use_method(model, stock, bench.METHODS["longheads"])  # the default: two_pass_carry
+        bench.use_method(model, stock, bench.METHODS["longheads"])  # the default: one_pass_reread
+        assert type(model).__bases__ == (RereadCall, own_class)
+        bench.use_method(model, stock, bench.METHODS["longheads-one-pass"])
         assert type(model).__bases__ == (LinkedCall, own_class)
     bench.use_method(model, stock, bench.METHODS["longheads-head"])  # one pass
     assert type(model) is own_class
