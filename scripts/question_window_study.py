@@ -1,6 +1,7 @@
 """Does the default lose a fact at the answer, or in the question's keys and values?
 
-On the plain-fact task at 16k the default often misses a fact that stock attention reads from a
+The default here is "one_pass_prompt", the default until 2026-12-04 (this study led to the one
+after it, "one_pass_reread"). On the plain-fact task at 16k the default often misses a fact that stock attention reads from a
 bare window (chunk 0, the fact's chunk, the question's two chunks). Past F the question's tokens
 were themselves read through LongHeads windows, which in many layers did not hold the fact's
 chunk; their keys and values then carry no trace of it, where the bare window's do. This study

@@ -1,8 +1,8 @@
-"""The "one_pass_reread" selection answering the prompts the default has prefilled.
+"""The "one_pass_reread" selection answering the prompts "one_pass_prompt" has prefilled.
 
-"one_pass_reread" reads a prompt as the default ("one_pass_prompt") does, and differs only at
+"one_pass_reread" reads a prompt as "one_pass_prompt" (the default until 2026-12-04) does, and differs only at
 its last token, where it reads the question again (`longheads.RereadRelay`). A 16k prompt past
-F takes minutes to prefill here; `scripts/question_window_study.py` saved the default's prefill
+F takes minutes to prefill here; `scripts/question_window_study.py` saved one_pass_prompt's prefill
 of each prompt but its last token (prompt-cache format 4, before the token ids were noted). This
 loads those caches into the current format (the ids, which the prefill would have noted, from
 the prompt itself), then answers with the eval's own call (`eval.answer_question`: the last
@@ -73,10 +73,10 @@ def main() -> None:
         cell = lambda t: repr(t.strip()[:30]).replace("|", "\\|")
         rows.append(f"| {index} | {sample.expected[0]} | {cell(text)} ({'right' if score >= 1 else 'wrong'}) | {'same' if agrees else cell(study)} |")
     lines = [
-        f"# one_pass_reread on {args.task} {args.length}, from the default's saved prefills",
+        f"# one_pass_reread on {args.task} {args.length}, from one_pass_prompt's saved prefills",
         "",
         f"Commit {version}; SmolLM2-135M-Instruct, float32, greedy, the CPU; the eval's {args.task} prompts "
-        f"at {args.length} tokens, the prompt but its last token prefilled by one_pass_prompt (the default) "
+        f"at {args.length} tokens, the prompt but its last token prefilled by one_pass_prompt (the default until 2026-12-04) "
         "in 2048-token blocks and saved by scripts/question_window_study.py; then the eval's answer call "
         "under one_pass_reread.",
         "",
