@@ -144,14 +144,20 @@ def sample_row(model, tokenizer, task: str, length: int, index: int, oracle: boo
     return row
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def sample_arguments(description: str) -> argparse.ArgumentParser:
+    """The arguments of a study over saved prefills: which prompts, where they are kept, the table."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--task", default="fact")
     parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--samples", default="3,12,16,19")
-    parser.add_argument("--oracle", action="store_true", help="also the arms that force the answer's chunk")
+    parser.add_argument("--samples", required=True, help="comma-separated sample indices")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/answer_rule"), help="prefilled prompts and answers, kept for reruns")
     parser.add_argument("--output", type=Path, required=True)
+    return parser
+
+
+def main() -> None:
+    parser = sample_arguments(__doc__.splitlines()[0])
+    parser.add_argument("--oracle", action="store_true", help="also the arms that force the answer's chunk")
     args = parser.parse_args()
     version = code_version()
     model, tokenizer = load(longheads=LongHeadsConfig(selection="one_pass_filter"))

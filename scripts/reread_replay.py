@@ -12,7 +12,6 @@ study's arm that read the question again following the last token's choice by ha
   python scripts/reread_replay.py --task fact --length 16384 --samples 0,1,...,19 --output results/reread_replay_fact_16k.md
 """
 
-import argparse
 import json
 from pathlib import Path
 from typing import List
@@ -24,6 +23,7 @@ from mlx.utils import tree_unflatten
 from mlx_longheads import LongHeadsConfig, load
 from mlx_longheads.eval import answer_question, code_version
 from needle_oracle import candidate_samples, write_report  # scripts/ is on the path when run
+from question_window_study import sample_arguments
 
 STUDY_ARM = "question read again following the last token's choice"
 
@@ -47,13 +47,7 @@ def format_4_cache(model, path: Path, prompt: List[int]) -> list:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--task", default="fact")
-    parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--samples", required=True)
-    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/answer_rule"), help="the study's prefills and rows")
-    parser.add_argument("--output", type=Path, required=True)
-    args = parser.parse_args()
+    args = sample_arguments(__doc__.splitlines()[0]).parse_args()
     version = code_version()
     model, tokenizer = load(longheads=LongHeadsConfig(selection="one_pass_reread"))
     w = model.layers[0].self_attn.config.chunk_size
