@@ -444,15 +444,16 @@ class RereadRelay(PromptRelay):
     question's first token on, 6 of 12; reading the question's two chunks again following
     the last token's choice, without knowing the fact, the same 6
     (results/question_window_fact_16k.md; this rule, replayed on the default's prefills:
-    12 / 20, results/reread_replay_fact_16k.md). So at a prompt's last token past F (`answer`):
-      - the token is read as "one_pass_prompt" reads it, for the choice its filter layer
-        keeps (its own, or the more peaked one the prompt's last groups noted), with that
-        choice's share;
+    12 / 20, and every needle and multikey prompt the default answered, results/
+    reread_replay_*_16k.md). So at a prompt's last token past F (`answer`):
+      - the token is read as "one_pass_prompt" reads it; where its filter layer kept the
+        more peaked choice the prompt's last groups noted, which the question's tokens
+        followed when they were read, that is the call (`chose_anew`: reading them again by
+        it lost a needle and a multikey prompt the default answered, and answered no more
+        facts); where it chose anew,
       - the caches are cut back to the start of the chunk before the token's (not below
         F), and those tokens are read again, in groups as a prompt is, every layer's shared
-        slots following that choice, which the groups note with its share (following the
-        filter layer's own measure instead answered needle 16k 7 but lost needle 5 and
-        three multikey prompts, results/reread_replay_own_choice_*.md);
+        slots following the token's choice, which the groups note with its share;
       - the token is read again, and its logits are the call's.
     Once per prompt that reads at most 2w tokens again; a decoded token costs what
     "one_pass_prompt"'s does. The ids are noted in layer 0's cache (`record_tokens`), and the
@@ -467,8 +468,9 @@ class RereadRelay(PromptRelay):
 
     def answer(self, call: Callable[[mx.array], mx.array], inputs: mx.array, caches: List[LongHeadsCache]) -> mx.array:
         """The logits of `call` (the model's linked call) on `inputs` [B, T], the question
-        read again first where they are a prompt's last token past F. Whether they are is
-        known on the host from offsets alone: no wait for an earlier step's results."""
+        read again first where they are a prompt's last token past F and it chose anew.
+        Whether they are is known on the host from offsets alone (no wait for an earlier
+        step's results); whether it chose anew, once per prompt, from its first pass."""
         cache = caches[0]
         w, offset = self.filter.span, cache.offset
         start = max((offset // w - 1) * w, self.filter.full_length)
@@ -480,7 +482,9 @@ class RereadRelay(PromptRelay):
         if cache.prompt_end != offset or start >= offset:
             return call(inputs)
         question = cache.tokens[:, start:offset]
-        call(inputs)
+        logits = call(inputs)
+        if not self.chose_anew():
+            return logits
         followed = self.filter.kept, self.filter.kept_share
         roll_back(caches, offset + 1 - start, followed)
         self.followed = followed
@@ -489,6 +493,12 @@ class RereadRelay(PromptRelay):
         finally:
             self.followed = None
         return call(inputs)
+
+    def chose_anew(self) -> bool:
+        """Whether the last token's filter layer kept its own choice (for any prompt of the
+        batch), not the one the prompt's last groups noted, which the question followed."""
+        carried = self.filter.carried
+        return carried is None or (self.filter.fresh[1] >= carried[1]).any().item()
 
     def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
         """One group through `forward`: as "one_pass_prompt", or, read again, following

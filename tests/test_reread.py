@@ -39,28 +39,15 @@ def layer_keys(cache) -> list:
     return [np.array(c.keys[0, :, : c.offset]) for c in cache]
 
 
-@pytest.mark.parametrize("n", [130, 136])  # the last token inside a chunk, and its chunk's first
-def test_the_question_is_read_again_and_nothing_before_it(n):
-    """Keys before the chunk preceding the last token's are the default's; from there on every
-    layer's keys were made again, and the last token's logits differ (not a test of quality)."""
-    stock, x = tiny_model("llama"), tokens(n)
-    (default,), default_cache = prompt_then_token(model_with("one_pass_prompt", stock), x)
-    (reread,), reread_cache = prompt_then_token(model_with("one_pass_reread", stock), x)
-    start = ((n - 1) // W - 1) * W
-    assert reread_cache[0].offset == n
-    for ours, theirs in zip(layer_keys(reread_cache), layer_keys(default_cache)):
-        np.testing.assert_array_equal(ours[:, :start], theirs[:, :start])
-    assert np.abs(layer_keys(reread_cache)[1][:, start:] - layer_keys(default_cache)[1][:, start:]).max() > 1e-3
-    assert np.abs(reread - default).max() > 1e-3
-
-
-def last_token_with_peaks(model, x, first_background: float):
-    """The prompt but its last token read, then the last token with its filter layer's pooled
-    attention made to peak on chunk 3 at its first pass (the other chunks at `first_background`)
-    and on chunk 10 at every measurement after it, sharply (0.001): the windows every layer
-    chose in that call, the peaks measured, the noted choices before the call, and the cache."""
-    cache = model.make_cache()
-    model(x[:, :-1], cache=cache)
+def last_token_with_peaks(model, x, first_background: float, cache=None):
+    """The prompt but its last token read (unless `cache` holds it), then the last token with
+    its filter layer's pooled attention made to peak on chunk 3 at its first pass (the other
+    chunks at `first_background`) and on chunk 10 at every measurement after it, sharply
+    (0.001): the last token's logits, the windows every layer chose in that call, the peaks
+    measured, the choices noted before the call, and the cache."""
+    if cache is None:
+        cache = model.make_cache()
+        model(x[:, :-1], cache=cache)
     noted = np.array(cache[0].choices[0, : cache[0].offset])
     windows, select, measure, peaks = [], longheads.select_chunks_pooled, longheads.pooled_attention, []
 
@@ -78,16 +65,34 @@ def last_token_with_peaks(model, x, first_background: float):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(longheads, "select_chunks_pooled", recording)
         patch.setattr(longheads, "pooled_attention", peaked)
-        model(x[:, -1:], cache=cache)
-    assert peaks == [3, 10]  # the filter layer at the last token's two passes, none in the re-read
-    return windows, noted, cache
+        logits = np.array(model(x[:, -1:], cache=cache)[0, -1])
+    return logits, windows, peaks, noted, cache
+
+
+@pytest.mark.parametrize("n", [130, 136])  # the last token inside a chunk, and its chunk's first
+def test_the_question_is_read_again_and_nothing_before_it(n):
+    """Where the last token chooses anew (its filter layer's measure made sharply peaked,
+    `last_token_with_peaks`): keys before the chunk preceding the last token's are the
+    default's; from there on every layer's keys were made again, and the last token's logits
+    differ (not a test of quality)."""
+    stock, x = tiny_model("llama"), tokens(n)
+    default, *_, default_cache = last_token_with_peaks(model_with("one_pass_prompt", stock), x, 0.01)
+    reread, *_, reread_cache = last_token_with_peaks(model_with("one_pass_reread", stock), x, 0.01)
+    start = ((n - 1) // W - 1) * W
+    assert reread_cache[0].offset == n
+    for ours, theirs in zip(layer_keys(reread_cache), layer_keys(default_cache)):
+        np.testing.assert_array_equal(ours[:, :start], theirs[:, :start])
+    assert np.abs(layer_keys(reread_cache)[1][:, start:] - layer_keys(default_cache)[1][:, start:]).max() > 1e-3
+    assert np.abs(reread - default).max() > 1e-3
 
 
 def test_every_layer_of_the_reread_follows_the_last_tokens_choice():
     """The last token's first pass measures chunk 3, sharply (a share of 1 / (1 + 15 * 0.01)):
-    its choice. Chunk 3 is then in every head's window of every layer while the question is
-    read again, and noted as its groups' choice; the last pass follows its own, sharper peak."""
-    windows, _, cache = last_token_with_peaks(model_with("one_pass_reread"), tokens(130), 0.01)
+    a choice of its own, more peaked than those the prompt's last groups noted. Chunk 3 is then
+    in every head's window of every layer while the question is read again, and noted as its
+    groups' choice with that share; the last pass follows its own, sharper peak."""
+    _, windows, peaks, _, cache = last_token_with_peaks(model_with("one_pass_reread"), tokens(130), 0.01)
+    assert peaks == [3, 10]  # the filter layer at the last token's two passes, none in the re-read
     reread = windows[2:-2]  # after the last token's first pass (2 layers), before its last
     assert len(reread) == 2 * 2  # two groups (chunk 15, and chunk 16's first token) of 2 layers
     assert all((slots == 3).any(axis=-1).all() for slots in reread)
@@ -97,20 +102,18 @@ def test_every_layer_of_the_reread_follows_the_last_tokens_choice():
         assert chunk == 3 and share == pytest.approx(1 / (1 + 15 * 0.01))
 
 
-def test_a_carried_choice_the_last_token_kept_is_followed_with_its_own_share():
+def test_where_the_last_token_keeps_the_questions_choice_nothing_is_read_again():
     """The last token's first pass measures chunk 3 barely peaked (1 / (1 + 15 * 0.99)): it
-    keeps the more peaked choice the prompt's last groups noted, as the default's last token
-    does. The question is read again following that choice, noted with the share it was
-    noted with (not the 1 / s of its 0/1 mask)."""
-    windows, noted, cache = last_token_with_peaks(model_with("one_pass_reread"), tokens(130), 0.99)
-    recent = noted[121:129]  # the w tokens before the last one
-    share, chunk = recent[np.argmax(recent[:, 0])].tolist()
-    assert share > 1 / (1 + 15 * 0.99) and chunk != 3
-    reread = windows[2:-2]
-    assert not (windows[1] == 3).any(axis=-1).all()  # the first pass kept the carried choice
-    assert all((slots == chunk).any(axis=-1).all() for slots in reread)
-    for row in (127, 128):
-        assert np.array(cache[0].choices[0, row]).tolist() == pytest.approx([share, chunk])
+    keeps the more peaked choice the prompt's last groups noted, which the question's tokens
+    followed when they were read. Nothing is read again: one pass, and the default's logits."""
+    stock, x = tiny_model("llama"), tokens(130)
+    runs = {s: last_token_with_peaks(model_with(s, stock), x, 0.99) for s in ("one_pass_prompt", "one_pass_reread")}
+    logits, windows, peaks, noted, cache = runs["one_pass_reread"]
+    assert noted[121:129, 0].max() > 1 / (1 + 15 * 0.99)  # a more peaked choice noted in the w tokens before
+    assert peaks == [3] and len(windows) == 2  # the last token's one pass
+    np.testing.assert_allclose(logits, runs["one_pass_prompt"][0], atol=1e-5)
+    for ours, theirs in zip(layer_keys(cache), layer_keys(runs["one_pass_prompt"][4])):
+        np.testing.assert_array_equal(ours, theirs)
 
 
 @pytest.mark.parametrize("n", [40, 65])  # a prompt inside F, and one whose last token is F's first past
@@ -138,16 +141,22 @@ def test_decoded_tokens_are_not_read_again():
 
 def test_a_saved_prompt_reads_its_question_again_after_loading(tmp_path):
     """The token ids and the prompt's end travel with a saved cache: the last token fed after
-    loading gives the logits of feeding it at once."""
+    loading reads the question again (its choice made sharply, `last_token_with_peaks`) and
+    gives the logits of feeding it at once."""
     model, x = model_with("one_pass_reread"), tokens(130)
-    (direct,), _ = prompt_then_token(model, x)
+    direct, _, peaks, _, _ = last_token_with_peaks(model, x, 0.01)
+    assert peaks == [3, 10]  # read again
     cache = model.make_cache()
     model(x[:, :-1], cache=cache)
     config = model.layers[0].self_attn.config
-    save_prompt_cache(str(tmp_path / "prompt.safetensors"), cache, model, config)
-    loaded = load_prompt_cache(str(tmp_path / "prompt.safetensors"), model, config)
+    path = str(tmp_path / "prompt.safetensors")
+    save_prompt_cache(path, cache, model, config)
+    loaded = load_prompt_cache(path, model, config)
     assert loaded[0].prompt_end == 129
-    np.testing.assert_allclose(np.array(model(x[:, -1:], cache=loaded)[0, -1]), direct, atol=1e-5)
+    np.testing.assert_array_equal(np.array(loaded[0].tokens[:, :129]), np.array(x[:, :-1]))
+    again, _, peaks, _, _ = last_token_with_peaks(model, x, 0.01, cache=loaded)
+    assert peaks == [3, 10]
+    np.testing.assert_allclose(again, direct, atol=1e-5)
 
 
 def test_a_cut_before_the_prompts_end_forgets_it():
