@@ -29,6 +29,13 @@ UNDO_CHUNKS = 2
 Buffer = Union[mx.array, Tuple[mx.array, mx.array, mx.array]]
 
 
+def with_rows(a: mx.array, rows: int, fill: float) -> mx.array:
+    """`a` [B, n, ...] with room for `rows` along its second axis, the new rows `fill`."""
+    fresh = mx.full((a.shape[0], rows, *a.shape[2:]), fill, a.dtype)
+    fresh[:, : a.shape[1]] = a
+    return fresh
+
+
 class LongHeadsCache(_BaseCache):
     def __init__(
         self,
@@ -125,13 +132,9 @@ class LongHeadsCache(_BaseCache):
         if self.queries is None:
             self.queries = mx.zeros((B, H, w, D), queries.dtype)
         if self.choices is not None:
-            fresh = mx.full((B, new_capacity, self.choices.shape[-1]), -1.0)
-            fresh[:, : self.choices.shape[1]] = self.choices
-            self.choices = fresh
+            self.choices = with_rows(self.choices, new_capacity, -1)
         if self.tokens is not None:
-            fresh = mx.zeros((B, new_capacity), mx.int32)
-            fresh[:, : self.tokens.shape[1]] = self.tokens
-            self.tokens = fresh
+            self.tokens = with_rows(self.tokens, new_capacity, 0)
 
     def append(
         self, queries: mx.array, keys: mx.array, values: mx.array
@@ -196,13 +199,11 @@ class LongHeadsCache(_BaseCache):
     def record_tokens(self, inputs: mx.array) -> None:
         """Note the ids [B, T] of a call's tokens at the offset, before they are appended,
         so that a prompt's last tokens can be read again."""
-        B, T = inputs.shape
-        end = self.offset + T
-        if self.tokens is None or self.tokens.shape[1] < end:
-            fresh = mx.zeros((B, max(end, self.capacity)), mx.int32)
-            if self.tokens is not None:
-                fresh[:, : self.tokens.shape[1]] = self.tokens
-            self.tokens = fresh
+        end = self.offset + inputs.shape[1]
+        if self.tokens is None:
+            self.tokens = mx.zeros((inputs.shape[0], 0), mx.int32)
+        if self.tokens.shape[1] < end:
+            self.tokens = with_rows(self.tokens, max(end, self.capacity), 0)
         self.tokens[:, self.offset : end] = inputs.astype(mx.int32)
 
     def recent_choice(self, start: int, span: int) -> Tuple[mx.array, mx.array]:

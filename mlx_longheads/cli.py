@@ -36,7 +36,7 @@ SELECTION_HELP = {
     "one_pass_filter": "one pass, one calibrated layer chooses: the paper's reads per token",
     "two_pass_prompt": "the prompt read as two_pass_carry (twice), tokens decoded as one_pass_filter",
     "one_pass_prompt": "the prompt read in one pass (the most peaked layer so far chooses), tokens as one_pass_filter",
-    "one_pass_reread": "the default: as one_pass_prompt, and at the prompt's last token its question (the last two chunks) read again following that token's choice",
+    "one_pass_reread": "the default: as one_pass_prompt, and at the prompt's last token its question (the last two chunks) read again following that token's choice, where it chose anew",
     "query_head": "the paper's rule, per query head",
     "kv_head": "the paper's rule, per KV head (GQA)",
 }

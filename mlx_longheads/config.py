@@ -46,9 +46,9 @@ class LongHeadsConfig:
       attention_length (which is the paper's threshold), at most the trained length.
       None: the trained length, so inside it LongHeads answers what the model does.
     selection: "one_pass_reread" (the default): as "one_pass_prompt", and at a prompt's
-      last token (a call of one token after a call of several, past F) the question, the
-      tokens from the chunk before the last token's on, is read again with every layer
-      following the choice the last token made, before the last token is read again
+      last token (a call of one token after a call of several, past F), where that token
+      chose anew, the question, the tokens from the chunk before the last token's on, is
+      read again with every layer following its choice, before it is read again
       (`longheads.RereadRelay`): past F the question's keys and values were made in
       windows chosen before the question was complete, which in many layers missed the
       fact it asks about; read again, twice the plain facts answered at 16k (README).

@@ -62,9 +62,9 @@ SELECTION_NOTES = {
     "peaked of the layers up to it, or an earlier group's choice within the w tokens before it where "
     "that was more peaked (records of 27593ad: the layers before the filter layer took the earlier "
     "group's choice, those from it on the most peaked since it).",
-    "one_pass_reread": "as one_pass_prompt, and at the prompt's last token past F the tokens from the "
-    "chunk before its own on read again, every layer's shared slots following the choice that token "
-    "made, before the token is read again.",
+    "one_pass_reread": "as one_pass_prompt, and at the prompt's last token past F, where that token "
+    "chose anew, the tokens from the chunk before its own on read again, every layer's shared slots "
+    "following its choice, before the token is read again.",
     "two_pass_reuse": "as two_pass_carry, but a decoded token with a choice noted in the w tokens "
     "before it takes that choice without a first pass (a faster decode).",
     "pooled": "half the retrieved slots hold the chunks the layer's heads attend to most together "

@@ -376,7 +376,6 @@ class FilterRelay:
         self.carried: Optional[Tuple[mx.array, mx.array]] = None  # (pooled [B, 1, C], share [B, 1])
         self.fresh: Optional[Tuple[mx.array, mx.array]] = None  # the filter layer's own
         self.kept: Optional[mx.array] = None  # what the filter layer and those after it follow
-        self.kept_share: Optional[mx.array] = None  # [B, 1]: its share (the carried one's where kept)
 
     def run(self, forward: Callable[[], Any], caches: List[LongHeadsCache], tokens: int) -> Any:
         """One group's pass through `forward` (its `tokens` queries after the caches'
@@ -395,11 +394,10 @@ class FilterRelay:
         if layer == self.layer:
             pooled = measure()
             share = peakedness(pooled)
-            self.fresh, self.kept, self.kept_share = (pooled, share), pooled, share
+            self.fresh, self.kept = (pooled, share), pooled
             if self.carried is not None:
                 carried, carried_share = self.carried
                 self.kept = mx.where((carried_share > share)[..., None], carried, pooled)
-                self.kept_share = mx.maximum(carried_share, share)
         return self.kept
 
 
@@ -481,11 +479,11 @@ class RereadRelay(PromptRelay):
             return logits
         if cache.prompt_end != offset or start >= offset:
             return call(inputs)
-        question = cache.tokens[:, start:offset]
         logits = call(inputs)
         if not self.chose_anew():
             return logits
-        followed = self.filter.kept, self.filter.kept_share
+        question = cache.tokens[:, start:offset]
+        followed = self.filter.kept, self.kept_share()
         roll_back(caches, offset + 1 - start, followed)
         self.followed = followed
         try:
@@ -493,6 +491,12 @@ class RereadRelay(PromptRelay):
         finally:
             self.followed = None
         return call(inputs)
+
+    def kept_share(self) -> mx.array:
+        """[B, 1]: the share of the choice the last token's filter layer kept (the more
+        peaked of its own and the carried one)."""
+        share, carried = self.filter.fresh[1], self.filter.carried
+        return share if carried is None else mx.maximum(carried[1], share)
 
     def chose_anew(self) -> bool:
         """Whether the last token's filter layer kept its own choice (for any prompt of the
