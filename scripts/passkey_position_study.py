@@ -31,11 +31,12 @@ def main():
     parser.add_argument("--length", type=int, default=8192, help="prompt tokens (inside the trained length)")
     parser.add_argument("--positions", default="6900,7200,7900", help="the key line's token positions")
     parser.add_argument("--keys", type=int, default=10, help="the keys of the eval's first 16k passkey samples")
+    parser.add_argument("--key", type=int, action="append", default=[], help="a key asked beside them")
     parser.add_argument("--output", type=Path, required=True)
     args = parser.parse_args()
 
     model, tokenizer = load(longheads=None)
-    keys = [make_sample("passkey", tokenizer, 16384, i).params["key"] for i in range(args.keys)]
+    keys = [make_sample("passkey", tokenizer, 16384, i).params["key"] for i in range(args.keys)] + args.key
     task_tokens = len(tokenizer.encode(TASK))
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     rows, right = [], {}
@@ -65,10 +66,11 @@ def main():
         "# Stock attention on pass keys placed near token 7000, inside the trained length",
         "",
         f"Commit {commit}; SmolLM2-135M-Instruct, float32, greedy, the CPU; stock attention (`load(longheads=None)`),"
-        f" {args.length}-token passkey prompts, the keys of the eval's 16k passkey samples 0-{args.keys - 1}.",
+        f" {args.length}-token passkey prompts; keys {', '.join(map(str, keys))} (the first {args.keys}: the eval's"
+        f" first 16k passkey samples').",
         "",
         f"`python scripts/passkey_position_study.py --length {args.length} --positions {args.positions}"
-        f" --keys {args.keys} --output {args.output}`",
+        f" --keys {args.keys}{''.join(f' --key {k}' for k in args.key)} --output {args.output}`",
         "",
         "| key line at token | prompt tokens | key | answer | |",
         "|---|---|---|---|---|",
