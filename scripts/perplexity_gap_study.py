@@ -193,6 +193,7 @@ RULES = {
     "two_pass_carry": (LongHeadsConfig(selection="two_pass_carry"), counting),
     "two_pass_prompt": (LongHeadsConfig(selection="two_pass_prompt"), None),
     "one_pass_prompt": (LongHeadsConfig(selection="one_pass_prompt"), None),
+    "one_pass_reread": (LongHeadsConfig(selection="one_pass_reread"), None),
     "query_head": (LongHeadsConfig(selection="query_head"), None),
 }
 
