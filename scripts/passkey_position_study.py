@@ -13,14 +13,10 @@ positions of an 8k prompt; the text before a key is read once per position and c
 
 import argparse
 import copy
-import subprocess
 from pathlib import Path
 
 import mlx_longheads  # noqa: F401  (OpenBLAS before mlx)
-import mlx.core as mx
-from mlx_lm.models.cache import make_prompt_cache
-
-from mlx_longheads.eval import answer_question
+from mlx_longheads.eval import answer_question, code_version, prefilled
 from mlx_longheads.load import load
 from mlx_longheads.passkey import TASK, passkey_prompt
 from mlx_longheads.tasks import make_sample
@@ -38,7 +34,7 @@ def main():
     model, tokenizer = load(longheads=None)
     keys = [make_sample("passkey", tokenizer, 16384, i).params["key"] for i in range(args.keys)] + args.key
     task_tokens = len(tokenizer.encode(TASK))
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    commit = code_version()
     rows, right = [], {}
     for position in [int(p) for p in args.positions.split(",")]:
         depth = (position - task_tokens) / (args.length - task_tokens)
@@ -48,11 +44,7 @@ def main():
             text = task.prompt[: task.prompt.index(" The pass key is")]
             if text not in prefixes:
                 prefix = tokenizer.encode(text)
-                cache = make_prompt_cache(model)
-                for start in range(0, len(prefix), 2048):  # read once, in mlx-lm's prefill steps
-                    model(mx.array(prefix[start : start + 2048])[None], cache=cache)
-                    mx.eval([c.state for c in cache])
-                prefixes[text] = (prefix, cache)
+                prefixes[text] = (prefix, prefilled(model, prefix))  # read once
             prefix, cache = prefixes[text]
             tokens = tokenizer.encode(task.prompt)
             assert tokens[: len(prefix)] == prefix, "the prompt's tokens must start with its prefix's"

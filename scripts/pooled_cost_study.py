@@ -12,27 +12,24 @@ exponentials, which this CPU computes at 50-90 M/s and a GPU at a rate that make
 """
 
 import argparse
-import subprocess
-import time
+import statistics
 from pathlib import Path
 
 import mlx_longheads  # noqa: F401  (OpenBLAS before mlx)
 import mlx.core as mx
 
-from mlx_longheads.bench import fill, model_shapes
+from mlx_longheads.bench import fill, model_shapes, timed
 from mlx_longheads.cache import LongHeadsCache
+from mlx_longheads.eval import code_version
 from mlx_longheads.generation import parse_context_length
 from mlx_longheads.load import load
 from mlx_longheads.longheads import pooled_attention
 
 
 def median_seconds(step, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first warms up
-        start = time.perf_counter()
-        mx.eval(step())
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[repeats // 2]
+    """The median of `repeats` timed calls after one that warms up."""
+    timed(step)
+    return statistics.median(timed(step) for _ in range(repeats))
 
 
 def main():
@@ -46,7 +43,7 @@ def main():
     shapes = model_shapes(model)
     H, Hk, D, layers = shapes["heads"], shapes["kv_heads"], shapes["head_dim"], shapes["layers"]
     rope = model.layers[0].self_attn.rope
-    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    commit = code_version()
     rows = []
     for context in [parse_context_length(c) for c in args.contexts.split(",")]:
         cache = LongHeadsCache(256)

@@ -50,8 +50,9 @@ pack() { mkdir -p /tmp/ev; tar czf "$OUT/eval.part" -C /tmp/ev . && mv "$OUT/eva
 (while sleep 30; do pack; done) &
 packer=$!
 grep -v '^\s*\(#\|$\)' "$jobs" >/tmp/jobs
-head -1 /tmp/jobs | xargs python3 -m mlx_longheads.eval --output /tmp/ev/runs/000 >/tmp/warm.log 2>&1
-mkdir -p /tmp/ev/logs && cp /tmp/warm.log /tmp/ev/logs/000.log
+mkdir -p /tmp/ev/logs
+head -1 /tmp/jobs | xargs timeout -s INT "$seconds" python3 -m mlx_longheads.eval --output /tmp/ev/runs/000 \
+  >/tmp/ev/logs/000.log 2>&1
 tail -n +2 /tmp/jobs >/tmp/rest
 PYTHON=python3 scripts/eval_parallel.sh /tmp/rest /tmp/ev "$(( seconds - $(date +%s) + start ))" "${PARALLEL:-8}"
 kill $packer
